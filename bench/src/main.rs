@@ -1,0 +1,240 @@
+//! `bench`: ferry's benchmarks, each run side by side with its baseline in one invocation, so the
+//! ratio is meaningful on a shared, noisy machine.
+//!
+//! `bench node-vs-redis` runs `redis-benchmark` against a ferry `node` and against `redis-server
+//! --appendonly yes --appendfsync always` (Redis's strongest durability), with the same
+//! arguments, alternating the two targets for `--rounds` rounds.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "ferry benchmarks, side by side with their baselines")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Durable SET throughput: ferry node vs redis-server with appendfsync always.
+    NodeVsRedis {
+        /// Requests per redis-benchmark run.
+        #[arg(short = 'n', long, default_value_t = 1_000_000)]
+        requests: u64,
+        /// Parallel client connections.
+        #[arg(short = 'c', long, default_value_t = 50)]
+        clients: u32,
+        /// Value size in bytes.
+        #[arg(short = 'd', long, default_value_t = 100)]
+        data_size: u32,
+        /// Pipeline depths to measure (1 = unpipelined).
+        #[arg(short = 'P', long, value_delimiter = ',', default_value = "1,16")]
+        pipeline: Vec<u32>,
+        /// Alternating rounds per pipeline depth; the median is reported.
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// Partitions of the ferry node.
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Directory for both servers' data (default: a temp dir on the same disk as /tmp).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::NodeVsRedis {
+            requests,
+            clients,
+            data_size,
+            pipeline,
+            rounds,
+            partitions,
+            dir,
+        } => {
+            let tmp = tempfile::Builder::new()
+                .prefix("ferry-bench")
+                .tempdir_in(dir.unwrap_or_else(std::env::temp_dir))?;
+            node_vs_redis(
+                tmp.path(),
+                requests,
+                clients,
+                data_size,
+                &pipeline,
+                rounds.max(1),
+                partitions,
+            )
+        }
+    }
+}
+
+fn node_vs_redis(
+    dir: &Path,
+    n: u64,
+    c: u32,
+    d: u32,
+    pipelines: &[u32],
+    rounds: u32,
+    partitions: u32,
+) -> Result<()> {
+    let node_bin = sibling_binary("node")?;
+    println!("redis-benchmark -t set -d {d} -c {c} -n {n}, pipelines {pipelines:?}, {rounds} round(s) each");
+    println!(
+        "{:<6} {:>16} {:>16} {:>8}",
+        "-P", "ferry ops/s", "redis ops/s", "ratio"
+    );
+    for &p in pipelines {
+        let (mut ferry, mut redis) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            // Fresh data directories each round, so neither side benefits from the other's warm-up.
+            let node_dir = dir.join(format!("node-p{p}-r{round}"));
+            let redis_dir = dir.join(format!("redis-p{p}-r{round}"));
+            std::fs::create_dir_all(&redis_dir)?;
+            let port = free_port()?;
+            let http = free_port()?;
+            let node = Server::start(
+                Command::new(&node_bin)
+                    .arg("--data-dir")
+                    .arg(&node_dir)
+                    .args(["--partitions", &partitions.to_string(), "--cluster-id", "1"])
+                    .args([
+                        "--resp-addr",
+                        &format!("127.0.0.1:{port}"),
+                        "--http-addr",
+                        &format!("127.0.0.1:{http}"),
+                    ])
+                    .env("RUST_LOG", "warn"),
+                port,
+            )?;
+            ferry.push(redis_benchmark(port, n, c, d, p)?);
+            drop(node);
+            let rport = free_port()?;
+            let redis_srv = Server::start(
+                Command::new("redis-server")
+                    .args([
+                        "--port",
+                        &rport.to_string(),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                    ])
+                    .args(["--appendonly", "yes", "--appendfsync", "always"])
+                    .arg("--dir")
+                    .arg(&redis_dir),
+                rport,
+            )?;
+            redis.push(redis_benchmark(rport, n, c, d, p)?);
+            drop(redis_srv);
+        }
+        let (f, r) = (median(&mut ferry), median(&mut redis));
+        println!("{:<6} {:>16.0} {:>16.0} {:>8.2}", p, f, r, f / r);
+    }
+    Ok(())
+}
+
+/// Runs redis-benchmark's SET test and returns requests per second.
+fn redis_benchmark(port: u16, n: u64, c: u32, d: u32, p: u32) -> Result<f64> {
+    let out = Command::new("redis-benchmark")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            "set",
+            "--csv",
+            "-r",
+            "1000000",
+        ])
+        .args([
+            "-n",
+            &n.to_string(),
+            "-c",
+            &c.to_string(),
+            "-d",
+            &d.to_string(),
+            "-P",
+            &p.to_string(),
+        ])
+        .output()
+        .context("run redis-benchmark (install redis-tools: scripts/setup.sh)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // CSV: "test","rps",... ; the SET row's second field.
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        if fields.first() == Some(&"SET") {
+            if let Some(rps) = fields.get(1).and_then(|f| f.parse().ok()) {
+                return Ok(rps);
+            }
+        }
+    }
+    bail!(
+        "redis-benchmark printed no SET result: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// A server process, killed when dropped.
+struct Server(Child);
+
+impl Server {
+    fn start(cmd: &mut Command, port: u16) -> Result<Server> {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn server")?;
+        let mut s = Server(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(s);
+            }
+            if let Some(status) = s.0.try_wait()? {
+                bail!("server exited with {status} before listening on port {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("server did not listen on port {port} within 60 s")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A binary built next to this one (target/release/).
+fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe
+        .parent()
+        .map(|d| d.join(name))
+        .context("locate target directory")?;
+    if !path.exists() {
+        bail!(
+            "{} is missing; build it with `cargo build --release --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}

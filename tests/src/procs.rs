@@ -1,0 +1,150 @@
+//! Running ferry's real binaries from tests.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Path of a workspace binary built in the same profile as the running test.
+///
+/// Tests live in `target/<profile>/deps/`; binaries in `target/<profile>/`.
+pub fn bin_path(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --release --workspace --bins` \
+         (scripts/test.sh does this)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (the OS picks it; another process could still take it, so
+/// callers retry start-up on "address in use").
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Waits until something accepts TCP connections on `addr`, or the child exits, or `timeout`.
+pub fn wait_for_port(addr: SocketAddr, child: &mut Child, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("process exited with {status} before listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listened on {addr} within {timeout:?}")
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawn {name}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a clean exit; SIGKILL after that.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY-free: `kill` via the command line keeps this crate free of unsafe code.
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A running `node`: one table of `partitions` partitions in `data_dir`.
+pub struct Node {
+    pub proc: Proc,
+    pub resp: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl Node {
+    /// Starts a node on fresh loopback ports and waits until its client port is open.
+    pub fn start(data_dir: &Path, partitions: u32, extra: &[&str]) -> Result<Node> {
+        let mut last_err = None;
+        for _ in 0..5 {
+            let (resp, http) = (loopback(free_port()), loopback(free_port()));
+            let mut cmd = Command::new(bin_path("node"));
+            cmd.arg("--data-dir")
+                .arg(data_dir)
+                .args(["--partitions", &partitions.to_string(), "--cluster-id", "1"])
+                .args([
+                    "--resp-addr",
+                    &resp.to_string(),
+                    "--http-addr",
+                    &http.to_string(),
+                ])
+                .args(extra)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                );
+            let mut proc = Proc::spawn("node", &mut cmd)?;
+            match wait_for_port(resp, &mut proc.child, Duration::from_secs(60)) {
+                Ok(()) => return Ok(Node { proc, resp, http }),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| anyhow::anyhow!("node did not start")))
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://{}/", self.resp)
+    }
+}
