@@ -6,6 +6,7 @@
 //! - [`value`]: how a value is stored in RocksDB (timetag + expiry + user bytes).
 //! - [`record`]: the plog record (length, CRC32C, decree, timetag, ops).
 //! - [`hash`]: the stable key → partition mapping.
+//! - [`wire`]: the shipper ⇄ receiver frames (ALPN `ferry/1`).
 
 pub mod checkpoint;
 pub mod hash;
@@ -13,6 +14,7 @@ pub mod ids;
 pub mod record;
 pub mod timetag;
 pub mod value;
+pub mod wire;
 
 pub use checkpoint::{CheckpointFile, CheckpointManifest};
 pub use hash::partition_of;
