@@ -30,7 +30,7 @@ use crate::checkpoint;
 use crate::clock::{self, HybridClock};
 use crate::engine::{Batch, Engine, Source};
 use crate::error::StoreError;
-use crate::plog::{self, PlogWriter, RecoveryReport};
+use crate::plog::{self, Committed, CommittedMarker, PlogWriter, RecoveryReport};
 
 /// Tuning of one partition. The defaults suit a node with a few partitions on one SSD.
 #[derive(Debug, Clone)]
@@ -246,6 +246,11 @@ impl Partition {
                 bytes = torn.bytes_dropped, reason = %torn.reason, "cut torn plog tail (unacknowledged writes)");
         }
         let plog = PlogWriter::open(&plog_dir, committed.next(), opts.plog_segment_bytes)?;
+        let marker = CommittedMarker::open(&plog_dir)?;
+        marker.publish(Committed {
+            decree: committed,
+            commit_time_us: clock::wall_us(),
+        })?;
 
         let stats = Arc::new(PartitionStats::default());
         stats.committed_decree.store(committed.0, Ordering::Relaxed);
@@ -256,6 +261,8 @@ impl Partition {
             engine: engine.clone(),
             plog,
             plog_dir,
+            marker,
+            marker_failed: false,
             clock,
             next: committed.next(),
             stats: stats.clone(),
@@ -496,6 +503,9 @@ struct Writer {
     engine: Arc<Engine>,
     plog: PlogWriter,
     plog_dir: PathBuf,
+    /// Publishes the committed decree to the shipper after every group commit.
+    marker: CommittedMarker,
+    marker_failed: bool,
     clock: HybridClock,
     /// Decree of the next local write.
     next: Decree,
@@ -656,6 +666,18 @@ impl Writer {
             return Err(e);
         }
         self.stats.committed_decree.store(last.0, Ordering::Release);
+        match self.marker.publish(Committed {
+            decree: last,
+            commit_time_us: clock::wall_us(),
+        }) {
+            Ok(()) => self.marker_failed = false,
+            Err(e) if !self.marker_failed => {
+                // Not a durability problem (the plog is durable); shipping lags until it works.
+                tracing::warn!(partition = self.id.0, error = %e, "cannot publish the committed decree");
+                self.marker_failed = true;
+            }
+            Err(_) => {}
+        }
         self.stats
             .group_commits_total
             .fetch_add(1, Ordering::Relaxed);

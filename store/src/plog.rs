@@ -283,6 +283,272 @@ pub fn remove_segments_below(dir: &Path, below: Decree) -> Result<Vec<PathBuf>, 
     Ok(removed)
 }
 
+/// Name of the file in a plog directory that publishes the committed decree to other processes
+/// (the shipper), rewritten after every group commit. It is a hint, not a log: it is never
+/// fsynced, because the plog itself is the durable record; after a crash the node rewrites it
+/// from recovery before taking writes.
+pub const COMMITTED_FILE: &str = "committed";
+const COMMITTED_LEN: usize = 20;
+
+/// What the `committed` marker says: every record up to `decree` is durable, and the last one
+/// was committed at `commit_time_us` (Unix microseconds, for lag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Committed {
+    pub decree: Decree,
+    pub commit_time_us: u64,
+}
+
+impl Committed {
+    fn encode(&self) -> [u8; COMMITTED_LEN] {
+        let mut b = [0u8; COMMITTED_LEN];
+        b[..8].copy_from_slice(&self.decree.0.to_le_bytes());
+        b[8..16].copy_from_slice(&self.commit_time_us.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..16]);
+        b[16..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Committed> {
+        let b: &[u8; COMMITTED_LEN] = b.get(..COMMITTED_LEN)?.try_into().ok()?;
+        let crc = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+        if crc32c::crc32c(&b[..16]) != crc {
+            return None;
+        }
+        let mut d = [0u8; 8];
+        d.copy_from_slice(&b[..8]);
+        let mut t = [0u8; 8];
+        t.copy_from_slice(&b[8..16]);
+        Some(Committed {
+            decree: Decree(u64::from_le_bytes(d)),
+            commit_time_us: u64::from_le_bytes(t),
+        })
+    }
+
+    /// Reads the marker of the plog in `dir`. `Ok(None)` when it does not exist yet. A read that
+    /// raced with a rewrite fails its checksum and is retried.
+    pub fn read(dir: &Path) -> Result<Option<Committed>, StoreError> {
+        let path = dir.join(COMMITTED_FILE);
+        for _ in 0..100 {
+            match fs::read(&path) {
+                Ok(bytes) => {
+                    if let Some(c) = Committed::decode(&bytes) {
+                        return Ok(Some(c));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(StoreError::io("read committed marker", &path, e)),
+            }
+            std::thread::yield_now();
+        }
+        Err(StoreError::corrupt(
+            &path,
+            0,
+            "committed marker keeps failing its checksum".into(),
+        ))
+    }
+}
+
+/// Rewrites the `committed` marker in place (one pwrite; no fsync, see [`COMMITTED_FILE`]).
+pub struct CommittedMarker {
+    file: File,
+    path: PathBuf,
+}
+
+impl CommittedMarker {
+    pub fn open(dir: &Path) -> Result<CommittedMarker, StoreError> {
+        let path = dir.join(COMMITTED_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::io("open committed marker", &path, e))?;
+        Ok(CommittedMarker { file, path })
+    }
+
+    pub fn publish(&self, c: Committed) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(&c.encode(), 0)
+            .map_err(|e| StoreError::io("write committed marker", &self.path, e))
+    }
+}
+
+/// Why a [`PlogReader`] cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The records wanted were garbage-collected: shipping must restart from a checkpoint.
+    #[error("start decree {wanted} is no longer available in {}: the oldest segment starts at {oldest}", dir.display())]
+    Gone {
+        dir: PathBuf,
+        wanted: Decree,
+        oldest: Decree,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Reads a plog from a given decree onward, following new segments, from any process. It never
+/// returns a record past the `upto` bound its caller passes (the committed decree), so it never
+/// ships a write that a crash could still take back.
+pub struct PlogReader {
+    dir: PathBuf,
+    next: Decree,
+    seg: Option<OpenSegment>,
+}
+
+struct OpenSegment {
+    first: Decree,
+    path: PathBuf,
+    file: File,
+    /// File offset just after the last record returned (or skipped).
+    pos: u64,
+}
+
+impl PlogReader {
+    /// A reader whose first record will be `from`.
+    pub fn new(dir: &Path, from: Decree) -> PlogReader {
+        PlogReader {
+            dir: dir.to_path_buf(),
+            next: from,
+            seg: None,
+        }
+    }
+
+    /// The decree of the next record this reader returns.
+    pub fn next_decree(&self) -> Decree {
+        self.next
+    }
+
+    /// Reads the records from `next_decree()` up to `upto` (inclusive), stopping after about
+    /// `max_bytes` of encoded records. Returns fewer (or none) when the rest is not written yet.
+    pub fn read(&mut self, upto: Decree, max_bytes: usize) -> Result<Vec<PlogRecord>, ReadError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while self.next <= upto && bytes < max_bytes {
+            if self.seg.is_none() {
+                self.seg = Some(self.locate()?);
+            }
+            let Some(seg) = self.seg.as_mut() else { break };
+            let want = max_bytes.saturating_sub(bytes).clamp(64 << 10, 8 << 20);
+            let mut buf = vec![0u8; want];
+            let n = read_at(&seg.file, &mut buf, seg.pos)
+                .map_err(|e| StoreError::io("read plog segment", &seg.path, e))?;
+            buf.truncate(n);
+            let mut used = 0;
+            let mut progressed = false;
+            while used < buf.len() && self.next <= upto {
+                match PlogRecord::decode(&buf[used..]) {
+                    Ok((rec, len)) => {
+                        if rec.decree != self.next {
+                            if rec.decree < self.next && rec.decree >= seg.first {
+                                used += len; // before the start point: skip
+                                continue;
+                            }
+                            return Err(StoreError::corrupt(
+                                &seg.path,
+                                seg.pos + used as u64,
+                                format!("expected decree {}, found {}", self.next, rec.decree),
+                            )
+                            .into());
+                        }
+                        used += len;
+                        bytes += len;
+                        self.next = self.next.next();
+                        out.push(rec);
+                        progressed = true;
+                        if bytes >= max_bytes {
+                            break;
+                        }
+                    }
+                    Err(ferry_proto::DecodeError::Incomplete { .. }) if n < want || used > 0 => {
+                        break
+                    }
+                    Err(ferry_proto::DecodeError::Incomplete { .. }) => {
+                        // A record larger than the read buffer: read exactly its length.
+                        let mut big = vec![0u8; max_record_len(&buf)];
+                        let m = read_at(&seg.file, &mut big, seg.pos)
+                            .map_err(|e| StoreError::io("read plog segment", &seg.path, e))?;
+                        if m < big.len() {
+                            break;
+                        }
+                        buf = big;
+                    }
+                    Err(e) => {
+                        // Committed records are never damaged in a healthy plog.
+                        return Err(StoreError::corrupt(
+                            &seg.path,
+                            seg.pos + used as u64,
+                            e.to_string(),
+                        )
+                        .into());
+                    }
+                }
+            }
+            seg.pos += used as u64;
+            if !progressed && self.next <= upto {
+                // Nothing more in this segment although `upto` says there is: it continues in
+                // the next one.
+                let segs = list_segments(&self.dir)?;
+                match segs.iter().find(|s| s.first_decree == self.next) {
+                    Some(_) => self.seg = None,
+                    None => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens the segment holding `next`, skipping to it.
+    fn locate(&self) -> Result<OpenSegment, ReadError> {
+        let segs = list_segments(&self.dir)?;
+        let Some(seg) = segs.iter().rev().find(|s| s.first_decree <= self.next) else {
+            let oldest = segs.first().map_or(Decree(0), |s| s.first_decree);
+            return Err(ReadError::Gone {
+                dir: self.dir.clone(),
+                wanted: self.next,
+                oldest,
+            });
+        };
+        let file = File::open(&seg.path).map_err(|e| match e.kind() {
+            // GC removed it between the listing and the open.
+            io::ErrorKind::NotFound => ReadError::Gone {
+                dir: self.dir.clone(),
+                wanted: self.next,
+                oldest: seg.first_decree.next(),
+            },
+            _ => StoreError::io("open plog segment", &seg.path, e).into(),
+        })?;
+        Ok(OpenSegment {
+            first: seg.first_decree,
+            path: seg.path.clone(),
+            file,
+            pos: SEGMENT_HEADER_LEN as u64,
+        })
+    }
+}
+
+fn read_at(file: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        let n = file.read_at(&mut buf[done..], pos + done as u64)?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+/// Encoded length of the record whose header starts `buf` (bounded by the record size limit).
+fn max_record_len(buf: &[u8]) -> usize {
+    let len = buf
+        .get(..4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    RECORD_HEADER_LEN + len.min(ferry_proto::record::MAX_RECORD_BODY)
+}
+
 /// Creates a segment atomically: header written and synced under a temporary name, then renamed.
 fn create_segment(dir: &Path, first: Decree) -> Result<PathBuf, StoreError> {
     let path = dir.join(format!("{:020}{SEGMENT_SUFFIX}", first.0));
@@ -507,5 +773,71 @@ mod tests {
         // The newest segment is never removed.
         remove_segments_below(dir.path(), Decree(1_000)).expect("gc all");
         assert_eq!(list_segments(dir.path()).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn reader_follows_segments_and_respects_the_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_records(dir.path(), 1..=100, 600);
+        let mut r = PlogReader::new(dir.path(), Decree(5));
+        let first = r.read(Decree(50), 1 << 20).expect("read");
+        assert_eq!(first.first().map(|x| x.decree), Some(Decree(5)));
+        assert_eq!(
+            first.last().map(|x| x.decree),
+            Some(Decree(50)),
+            "stops at the bound"
+        );
+        let mut rest = Vec::new();
+        for _ in 0..100 {
+            let got = r.read(Decree(100), 300).expect("read");
+            if got.is_empty() {
+                break;
+            }
+            rest.extend(got);
+        }
+        assert_eq!(
+            rest.iter().map(|x| x.decree.0).collect::<Vec<_>>(),
+            (51..=100).collect::<Vec<_>>()
+        );
+        assert!(
+            r.read(Decree(200), 1 << 20).expect("read").is_empty(),
+            "nothing past the end"
+        );
+        write_records(dir.path(), 101..=103, 600);
+        let tail = r.read(Decree(103), 1 << 20).expect("read");
+        assert_eq!(
+            tail.iter().map(|x| x.decree.0).collect::<Vec<_>>(),
+            vec![101, 102, 103]
+        );
+    }
+
+    #[test]
+    fn reader_reports_gc_as_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_records(dir.path(), 1..=100, 600);
+        remove_segments_below(dir.path(), Decree(60)).expect("gc");
+        let mut r = PlogReader::new(dir.path(), Decree(3));
+        match r.read(Decree(100), 1 << 20) {
+            Err(ReadError::Gone { wanted, oldest, .. }) => {
+                assert_eq!(wanted, Decree(3));
+                assert!(oldest > Decree(3) && oldest <= Decree(60));
+            }
+            other => panic!("expected Gone, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn committed_marker_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(Committed::read(dir.path()).expect("read"), None);
+        let m = CommittedMarker::open(dir.path()).expect("open");
+        let c = Committed {
+            decree: Decree(42),
+            commit_time_us: 7,
+        };
+        m.publish(c).expect("publish");
+        assert_eq!(Committed::read(dir.path()).expect("read"), Some(c));
+        fs::write(dir.path().join(COMMITTED_FILE), [1u8; COMMITTED_LEN]).expect("garble");
+        assert!(Committed::read(dir.path()).is_err());
     }
 }

@@ -232,6 +232,14 @@ async fn decrees_are_gap_free_and_timetags_increase() {
         last = tag;
     }
     assert_eq!(p.committed_decree(), Decree(50));
+    let marker = ferry_store::plog::Committed::read(&dir.path().join("plog"))
+        .expect("read marker")
+        .expect("marker exists");
+    assert_eq!(
+        marker.decree,
+        Decree(50),
+        "the shipper sees the committed decree"
+    );
     // A no-op write (NX on an existing key) takes no decree.
     let nx = WriteCmd::Set {
         key: "k0".into(),
