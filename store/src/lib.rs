@@ -4,6 +4,7 @@
 //! - [`plog`]: the partition's write-ahead log (segments, recovery, GC).
 //! - [`engine`]: the RocksDB specifics (key layout, meta keys, tombstone filter).
 //! - [`checkpoint`]: checkpoints with a verified manifest.
+//! - [`inbox`]: duplicated writes received for a partition, written by the receiver, applied by the node.
 //! - [`table`]: P partitions routed by the stable key hash.
 //! - [`server`]: the `node` process (RESP, HTTP, config).
 
@@ -11,6 +12,7 @@ pub mod checkpoint;
 pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod inbox;
 pub mod partition;
 pub mod plog;
 pub mod server;
