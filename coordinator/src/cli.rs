@@ -1,0 +1,435 @@
+//! The `ferry` admin CLI: argument parsing and output. The binary only calls [`run`].
+//!
+//! Output is an aligned table for people, or the API's JSON with `--json` for scripts.
+
+use std::fmt::Write as _;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::api::{AddDup, CreateTable, DupView, SetFailMode, StatusView, TableDetail, TableView};
+use crate::client::{AdminClient, ClientError};
+
+/// ferry's admin CLI: tables and duplications of one cluster.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version)]
+pub struct Cli {
+    /// Coordinator admin address(es), comma-separated; the first that answers is used
+    /// (a standby forwards to the leader).
+    #[arg(
+        long,
+        short = 'C',
+        env = "FERRY_COORDINATOR",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:34601",
+        global = true
+    )]
+    pub coordinator: Vec<String>,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// How long to wait for an answer, e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = humantime_serde::re::humantime::parse_duration, global = true)]
+    pub timeout: Duration,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, list, describe and drop tables.
+    #[command(subcommand)]
+    Table(TableCommand),
+    /// Add, list, pause, start and remove duplications.
+    #[command(subcommand)]
+    Dup(DupCommand),
+    /// The cluster: leader, coordinators, nodes, table and dup counts.
+    Status,
+}
+
+/// `ferry table ...`.
+#[derive(Debug, Subcommand)]
+pub enum TableCommand {
+    /// Create a table; partitions are placed round-robin on the registered nodes.
+    Create {
+        /// Table name.
+        name: String,
+        /// Number of partitions.
+        #[arg(long, short = 'p', default_value_t = 8)]
+        partitions: u32,
+    },
+    /// List tables.
+    List,
+    /// Show a table and its partition table.
+    Describe {
+        /// Table name.
+        name: String,
+    },
+    /// Drop a table (refused while it has duplications).
+    Drop {
+        /// Table name.
+        name: String,
+    },
+}
+
+/// `ferry dup ...`.
+#[derive(Debug, Subcommand)]
+pub enum DupCommand {
+    /// Duplicate a table to a remote cluster.
+    Add {
+        /// Source table.
+        #[arg(long, short = 't')]
+        table: String,
+        /// Remote cluster name.
+        #[arg(long, short = 'c')]
+        cluster: String,
+        /// Copy a checkpoint first (starts in DS_PREPARE); without it only new writes are
+        /// shipped (starts in DS_LOG).
+        #[arg(long)]
+        full: bool,
+    },
+    /// List a table's duplications.
+    List {
+        /// Source table.
+        #[arg(long, short = 't')]
+        table: String,
+    },
+    /// Pause shipping (only from DS_LOG).
+    Pause(DupTarget),
+    /// Start shipping again (only from DS_PAUSE).
+    Start(DupTarget),
+    /// Remove a duplication and its progress.
+    Remove(DupTarget),
+    /// Set what shipping does when a batch keeps failing.
+    SetFailMode {
+        /// Which dup.
+        #[command(flatten)]
+        target: DupTarget,
+        /// slow: retry forever; skip: skip the batch after bounded retries; fast: stop and alert.
+        mode: FailModeArg,
+    },
+}
+
+/// `-t TABLE -d DUPID`.
+#[derive(Debug, clap::Args)]
+pub struct DupTarget {
+    /// Source table.
+    #[arg(long, short = 't')]
+    pub table: String,
+    /// The dupid (see `ferry dup list`).
+    #[arg(long, short = 'd')]
+    pub dupid: u64,
+}
+
+/// Fail modes as typed on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FailModeArg {
+    /// FAIL_SLOW.
+    Slow,
+    /// FAIL_SKIP.
+    Skip,
+    /// FAIL_FAST.
+    Fast,
+}
+
+/// Runs one command and returns what to print.
+pub async fn run(cli: Cli) -> Result<String, ClientError> {
+    let client = AdminClient::new(&cli.coordinator, cli.timeout)?;
+    let json = cli.json;
+    match cli.command {
+        Command::Status => {
+            let s: StatusView = client.get("/v1/status").await?;
+            render(json, &s, render_status)
+        }
+        Command::Table(TableCommand::Create { name, partitions }) => {
+            let t: TableDetail = client
+                .post("/v1/tables", &CreateTable { name, partitions })
+                .await?;
+            render(json, &t, |t| {
+                format!(
+                    "created table {} (id {}, {} partitions, {})\n",
+                    t.name, t.info.id, t.info.partition_count, t.info.state
+                )
+            })
+        }
+        Command::Table(TableCommand::List) => {
+            let ts: Vec<TableView> = client.get("/v1/tables").await?;
+            render(json, &ts, |ts| {
+                let rows = ts
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.info.id.to_string(),
+                            t.info.partition_count.to_string(),
+                            t.info.state.to_string(),
+                            time(t.info.create_timestamp_ms),
+                        ]
+                    })
+                    .collect();
+                table(&["NAME", "ID", "PARTITIONS", "STATE", "CREATED"], rows)
+            })
+        }
+        Command::Table(TableCommand::Describe { name }) => {
+            let t: TableDetail = client.get(&format!("/v1/tables/{}", seg(&name))).await?;
+            render(json, &t, |t| {
+                let mut out = table(
+                    &["NAME", "ID", "PARTITIONS", "STATE", "CREATED"],
+                    vec![vec![
+                        t.name.clone(),
+                        t.info.id.to_string(),
+                        t.info.partition_count.to_string(),
+                        t.info.state.to_string(),
+                        time(t.info.create_timestamp_ms),
+                    ]],
+                );
+                out.push('\n');
+                let rows = t
+                    .partitions
+                    .iter()
+                    .enumerate()
+                    .map(|(p, e)| {
+                        let node = match e {
+                            Some(e) => e.node.clone().unwrap_or_else(|| "(unplaced)".into()),
+                            None => "(not written)".into(),
+                        };
+                        vec![p.to_string(), node]
+                    })
+                    .collect();
+                out.push_str(&table(&["PARTITION", "NODE"], rows));
+                out
+            })
+        }
+        Command::Table(TableCommand::Drop { name }) => {
+            let t: TableView = client.delete(&format!("/v1/tables/{}", seg(&name))).await?;
+            render(json, &t, |t| format!("dropped table {}\n", t.name))
+        }
+        Command::Dup(DupCommand::Add {
+            table,
+            cluster,
+            full,
+        }) => {
+            let d: DupView = client
+                .post(
+                    &format!("/v1/tables/{}/dups", seg(&table)),
+                    &AddDup {
+                        remote: cluster,
+                        full,
+                    },
+                )
+                .await?;
+            render(json, &d, |d| {
+                format!(
+                    "added dup {} of table {} to cluster {} ({}, {})\n",
+                    d.dupid, d.table, d.info.remote, d.info.mode, d.info.status
+                )
+            })
+        }
+        Command::Dup(DupCommand::List { table: t }) => {
+            let ds: Vec<DupView> = client.get(&format!("/v1/tables/{}/dups", seg(&t))).await?;
+            render(json, &ds, |ds| {
+                let rows = ds
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.dupid.to_string(),
+                            d.info.remote.clone(),
+                            d.info.status.to_string(),
+                            d.info.fail_mode.to_string(),
+                            d.info.mode.to_string(),
+                            d.info.remote_table.clone(),
+                            time(d.info.create_timestamp_ms),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "DUPID",
+                        "REMOTE",
+                        "STATUS",
+                        "FAIL_MODE",
+                        "MODE",
+                        "REMOTE_TABLE",
+                        "CREATED",
+                    ],
+                    rows,
+                )
+            })
+        }
+        Command::Dup(DupCommand::Pause(t)) => dup_action(&client, json, &t, "pause").await,
+        Command::Dup(DupCommand::Start(t)) => dup_action(&client, json, &t, "start").await,
+        Command::Dup(DupCommand::Remove(t)) => {
+            let d: DupView = client
+                .delete(&format!("/v1/tables/{}/dups/{}", seg(&t.table), t.dupid))
+                .await?;
+            render(json, &d, |d| {
+                format!("removed dup {} of table {}\n", d.dupid, d.table)
+            })
+        }
+        Command::Dup(DupCommand::SetFailMode { target, mode }) => {
+            let mode = match mode {
+                FailModeArg::Slow => "slow",
+                FailModeArg::Skip => "skip",
+                FailModeArg::Fast => "fast",
+            };
+            let d: DupView = client
+                .put(
+                    &format!(
+                        "/v1/tables/{}/dups/{}/fail_mode",
+                        seg(&target.table),
+                        target.dupid
+                    ),
+                    &SetFailMode {
+                        fail_mode: mode.into(),
+                    },
+                )
+                .await?;
+            render(json, &d, |d| {
+                format!(
+                    "dup {} of table {} now has fail mode {}\n",
+                    d.dupid, d.table, d.info.fail_mode
+                )
+            })
+        }
+    }
+}
+
+async fn dup_action(
+    client: &AdminClient,
+    json: bool,
+    t: &DupTarget,
+    action: &str,
+) -> Result<String, ClientError> {
+    let d: DupView = client
+        .post(
+            &format!("/v1/tables/{}/dups/{}/{action}", seg(&t.table), t.dupid),
+            &(),
+        )
+        .await?;
+    render(json, &d, |d| {
+        format!(
+            "dup {} of table {} is now {}\n",
+            d.dupid, d.table, d.info.status
+        )
+    })
+}
+
+fn render<T: Serialize>(
+    json: bool,
+    v: &T,
+    human: impl FnOnce(&T) -> String,
+) -> Result<String, ClientError> {
+    if json {
+        let mut s = serde_json::to_string_pretty(v).map_err(|e| ClientError::Api(e.to_string()))?;
+        s.push('\n');
+        Ok(s)
+    } else {
+        Ok(human(v))
+    }
+}
+
+fn render_status(s: &StatusView) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "cluster:  {} (id {})", s.cluster, s.cluster_id);
+    let _ = writeln!(out, "leader:   {}", s.leader);
+    let _ = writeln!(out, "tables:   {}", s.tables);
+    let dups: Vec<String> = s.dups.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    let _ = writeln!(
+        out,
+        "dups:     {}",
+        if dups.is_empty() {
+            "none".into()
+        } else {
+            dups.join(", ")
+        }
+    );
+    out.push('\n');
+    let rows = s
+        .coordinators
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.clone(),
+                c.addr.clone(),
+                if c.leader { "leader" } else { "standby" }.into(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["COORDINATOR", "ADDRESS", "ROLE"], rows));
+    out.push('\n');
+    let rows = s
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.resp_addr.clone(),
+                n.receiver_addr.clone().unwrap_or_else(|| "-".into()),
+                n.http_addr.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["NODE", "RESP", "RECEIVER", "HTTP"], rows));
+    out
+}
+
+/// An aligned text table: columns padded to their widest cell, two spaces apart.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &mut dyn Iterator<Item = &str>| {
+        let mut s = String::new();
+        for (cell, w) in cells.zip(&widths) {
+            let _ = write!(s, "{cell:<w$}  ");
+        }
+        out.push_str(s.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, &mut header.iter().copied());
+    for row in &rows {
+        line(&mut out, &mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// A timestamp in ms as UTC RFC 3339, to the second.
+fn time(ms: u64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms);
+    humantime_serde::re::humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Percent-encodes a path segment (names are validated server-side; this only keeps a stray
+/// `/` or `?` from changing the route).
+fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_aligned() {
+        let t = table(&["A", "LONGER"], vec![vec!["wide cell".into(), "x".into()]]);
+        assert_eq!(t, "A          LONGER\nwide cell  x\n");
+    }
+
+    #[test]
+    fn segments_are_escaped() {
+        assert_eq!(seg("users"), "users");
+        assert_eq!(seg("a/b?c"), "a%2Fb%3Fc");
+    }
+}

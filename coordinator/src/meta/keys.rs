@@ -1,0 +1,150 @@
+//! Every etcd key of a cluster, in one place (DESIGN.md, "Metadata in etcd").
+//!
+//! ```text
+//! /ferry/<cluster>/config                                  cluster config (JSON)
+//! /ferry/<cluster>/nodes/<node>                            node addresses, under a lease
+//! /ferry/<cluster>/tables/<table>                          table (JSON)
+//! /ferry/<cluster>/tables/<table>/partitions/<p>           owning node (JSON)
+//! /ferry/<cluster>/dups/<table>/<dupid>                    dup (JSON)
+//! /ferry/<cluster>/dups/<table>/<dupid>/progress/<p>       confirmed decree (JSON)
+//! /ferry/<cluster>/dups/<table>/<dupid>/checkpoint/<p>     checkpoint manifest (JSON)
+//! /ferry/<cluster>/election/coordinator/<lease>            coordinator election (etcd API)
+//! /ferry/<cluster>/seq/dupid                               last dupid handed out
+//! /ferry/<cluster>/seq/table_id                            last table id handed out
+//! ```
+
+use ferry_proto::{DupId, PartitionId};
+
+/// Builds the keys of one cluster.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    root: String,
+}
+
+impl Keys {
+    /// Keys of cluster `cluster`.
+    pub fn new(cluster: &str) -> Keys {
+        Keys {
+            root: format!("/ferry/{cluster}/"),
+        }
+    }
+
+    /// `/ferry/<cluster>/`.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The stored cluster config.
+    pub fn config(&self) -> String {
+        format!("{}config", self.root)
+    }
+
+    /// Prefix of the node registry.
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.root)
+    }
+
+    /// One registered node.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}nodes/{node}", self.root)
+    }
+
+    /// Prefix of every table key (tables and their partitions).
+    pub fn tables(&self) -> String {
+        format!("{}tables/", self.root)
+    }
+
+    /// One table.
+    pub fn table(&self, table: &str) -> String {
+        format!("{}tables/{table}", self.root)
+    }
+
+    /// Prefix of a table's partition table.
+    pub fn partitions(&self, table: &str) -> String {
+        format!("{}tables/{table}/partitions/", self.root)
+    }
+
+    /// One partition's entry.
+    pub fn partition(&self, table: &str, p: PartitionId) -> String {
+        format!("{}tables/{table}/partitions/{p}", self.root)
+    }
+
+    /// Prefix of every dup of a table (dups and their subtrees).
+    pub fn dups(&self, table: &str) -> String {
+        format!("{}dups/{table}/", self.root)
+    }
+
+    /// Prefix of every dup of every table.
+    pub fn all_dups(&self) -> String {
+        format!("{}dups/", self.root)
+    }
+
+    /// One dup.
+    pub fn dup(&self, table: &str, dupid: DupId) -> String {
+        format!("{}dups/{table}/{dupid}", self.root)
+    }
+
+    /// Prefix of a dup's subtree (progress, checkpoints).
+    pub fn dup_subtree(&self, table: &str, dupid: DupId) -> String {
+        format!("{}dups/{table}/{dupid}/", self.root)
+    }
+
+    /// A dup's progress on one partition.
+    pub fn progress(&self, table: &str, dupid: DupId, p: PartitionId) -> String {
+        format!("{}dups/{table}/{dupid}/progress/{p}", self.root)
+    }
+
+    /// A dup's checkpoint on one partition.
+    pub fn checkpoint(&self, table: &str, dupid: DupId, p: PartitionId) -> String {
+        format!("{}dups/{table}/{dupid}/checkpoint/{p}", self.root)
+    }
+
+    /// The coordinator election's name (etcd's election API puts candidates under it).
+    pub fn coordinator_election(&self) -> String {
+        format!("{}election/coordinator", self.root)
+    }
+
+    /// The last dupid handed out.
+    pub fn dupid_seq(&self) -> String {
+        format!("{}seq/dupid", self.root)
+    }
+
+    /// The last table id handed out.
+    pub fn table_id_seq(&self) -> String {
+        format!("{}seq/table_id", self.root)
+    }
+
+    /// The part of `key` after `prefix`, if `key` is directly under it (no further `/`).
+    pub fn leaf<'k>(key: &'k [u8], prefix: &str) -> Option<&'k str> {
+        let rest = key.strip_prefix(prefix.as_bytes())?;
+        let rest = std::str::from_utf8(rest).ok()?;
+        (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_design() {
+        let k = Keys::new("bj");
+        assert_eq!(k.dup("users", DupId(7)), "/ferry/bj/dups/users/7");
+        assert_eq!(
+            k.progress("users", DupId(7), PartitionId(3)),
+            "/ferry/bj/dups/users/7/progress/3"
+        );
+        assert_eq!(
+            k.partition("users", PartitionId(0)),
+            "/ferry/bj/tables/users/partitions/0"
+        );
+        assert_eq!(
+            Keys::leaf(b"/ferry/bj/tables/users", &k.tables()),
+            Some("users")
+        );
+        assert_eq!(
+            Keys::leaf(b"/ferry/bj/tables/users/partitions/0", &k.tables()),
+            None
+        );
+    }
+}

@@ -1,0 +1,156 @@
+//! The JSON values stored in etcd. Fields a newer version adds are kept (`extra`) and written
+//! back untouched, so an older coordinator never erases them.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use ferry_proto::Decree;
+
+use crate::status::{DupStatus, FailMode};
+
+/// `dups/<table>/<dupid>`:
+/// `{"remote","status","create_timestamp_ms","fail_mode","mode","remote_table"}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DupInfo {
+    /// The remote cluster's name.
+    pub remote: String,
+    /// Where the dup is in its life; an unknown stored name reads as `DS_REMOVED`.
+    pub status: DupStatus,
+    /// When the dup was added, ms since the Unix epoch.
+    pub create_timestamp_ms: u64,
+    /// What a shipper does when a batch keeps failing.
+    #[serde(default)]
+    pub fail_mode: FailMode,
+    /// Full (checkpoint first) or incremental (log only).
+    pub mode: DupMode,
+    /// The table's name in the remote cluster (the same name, as in Pegasus).
+    pub remote_table: String,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// How a dup starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DupMode {
+    /// Copy a checkpoint first, then the log after it (`ferry dup add --full`).
+    Full,
+    /// Only writes from now on.
+    Incremental,
+}
+
+/// `tables/<table>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableInfo {
+    /// Unique in the cluster, never reused.
+    pub id: u32,
+    /// Number of partitions, fixed at creation.
+    pub partition_count: u32,
+    /// Lifecycle state.
+    pub state: TableState,
+    /// When the table was created, ms since the Unix epoch.
+    pub create_timestamp_ms: u64,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// A table's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableState {
+    /// Partitions not all placed yet (or, on a dup target, a checkpoint being installed).
+    Creating,
+    /// Serving reads and writes.
+    Available,
+    /// Refusing writes, e.g. fenced during failover.
+    ReadOnly,
+    /// Was the source of a failover; the other cluster serves now.
+    Demoted,
+}
+
+/// `tables/<table>/partitions/<p>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    /// The node that hosts the partition; `null` while no node is registered.
+    pub node: Option<String>,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// `dups/<table>/<dupid>/progress/<p>`, written by the shipper that owns the partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The highest decree the target has made durable.
+    pub confirmed_decree: Decree,
+    /// The write timestamp of that decree, ms since the Unix epoch (0 if none yet).
+    pub last_confirmed_timestamp_ms: u64,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+impl TableState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableState::Creating => "creating",
+            TableState::Available => "available",
+            TableState::ReadOnly => "read_only",
+            TableState::Demoted => "demoted",
+        }
+    }
+}
+
+impl std::fmt::Display for TableState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for DupMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DupMode::Full => "full",
+            DupMode::Incremental => "incremental",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dup_json_is_documented_shape_and_keeps_unknown_fields() {
+        let stored = r#"{"remote":"tj","status":"DS_LOG","create_timestamp_ms":1669972761000,"fail_mode":"FAIL_SKIP","mode":"incremental","remote_table":"users","future":{"x":1}}"#;
+        let d: DupInfo = serde_json::from_str(stored).expect("documented JSON decodes");
+        assert_eq!(d.status, DupStatus::Log);
+        assert_eq!(d.fail_mode, FailMode::Skip);
+        assert_eq!(serde_json::to_string(&d).ok().as_deref(), Some(stored));
+    }
+
+    #[test]
+    fn unknown_status_reads_as_removed() {
+        let stored = r#"{"remote":"tj","status":"DS_SOMETHING_NEW","create_timestamp_ms":1,"fail_mode":"FAIL_SLOW","mode":"full","remote_table":"t"}"#;
+        let d: DupInfo = serde_json::from_str(stored).expect("decodes");
+        assert_eq!(d.status, DupStatus::Removed);
+    }
+
+    #[test]
+    fn table_state_names() {
+        let t = TableInfo {
+            id: 1,
+            partition_count: 4,
+            state: TableState::ReadOnly,
+            create_timestamp_ms: 5,
+            extra: Map::new(),
+        };
+        assert_eq!(
+            serde_json::to_string(&t).ok().as_deref(),
+            Some(r#"{"id":1,"partition_count":4,"state":"read_only","create_timestamp_ms":5}"#)
+        );
+    }
+}

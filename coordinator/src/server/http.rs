@@ -1,0 +1,479 @@
+//! The admin HTTP API (routes listed in [`crate::api`]), `/health` and `/metrics`.
+//!
+//! Admin routes run only on the leader. A standby forwards them to the leader it finds in the
+//! election and relays the answer; a request that was already forwarded once, or a leader that
+//! cannot be reached, is answered 503 with the leader's address, so nothing loops.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+
+use ferry_proto::DupId;
+
+use super::{election, Shared};
+use crate::api::{
+    AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, HealthView, PegasusAppDuplication,
+    PegasusDup, SetFailMode, StatusView, TableDetail, TableView,
+};
+use crate::meta::dups::DupPolicy;
+use crate::meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore};
+use crate::status::{DupEvent, FailMode};
+
+/// Header set on a forwarded request (its value names the standby that forwarded it).
+pub const FORWARDED_BY: &str = "x-ferry-forwarded-by";
+/// Header naming the leader on a standby's refusal.
+pub const LEADER_HEADER: &str = "x-ferry-leader";
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+/// Serves until `cancel` fires. Cancellation-safe.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let app = router(shared);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
+    {
+        tracing::error!(error = %e, "admin HTTP server failed");
+    }
+}
+
+/// Every route.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let admin = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/tables", get(list_tables).post(create_table))
+        .route("/v1/tables/{table}", get(describe_table).delete(drop_table))
+        .route("/v1/tables/{table}/dups", get(list_dups).post(add_dup))
+        .route(
+            "/v1/tables/{table}/dups/{dupid}",
+            get(one_dup).delete(remove_dup),
+        )
+        .route("/v1/tables/{table}/dups/{dupid}/pause", post(pause_dup))
+        .route("/v1/tables/{table}/dups/{dupid}/start", post(start_dup))
+        .route(
+            "/v1/tables/{table}/dups/{dupid}/fail_mode",
+            put(set_fail_mode),
+        )
+        .route("/meta/app/duplication", get(pegasus_app_duplication))
+        .layer(middleware::from_fn_with_state(shared.clone(), leader_only));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(admin)
+        .with_state(shared)
+}
+
+/// An error answer: a status code and one sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    leader: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            leader: None,
+        }
+    }
+}
+
+impl From<MetaError> for ApiError {
+    fn from(e: MetaError) -> ApiError {
+        let status = match &e {
+            MetaError::NoSuchTable(_) | MetaError::NoSuchDup { .. } => StatusCode::NOT_FOUND,
+            MetaError::TableExists(_)
+            | MetaError::IllegalTransition { .. }
+            | MetaError::Conflict(_)
+            | MetaError::Contended { .. } => StatusCode::CONFLICT,
+            MetaError::Invalid(_) => StatusCode::BAD_REQUEST,
+            MetaError::Unavailable { .. } | MetaError::FenceLost => StatusCode::SERVICE_UNAVAILABLE,
+            MetaError::Corrupt { .. }
+            | MetaError::ConfigMismatch { .. }
+            | MetaError::ConfigMissing(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response();
+        if let Some(addr) = self.leader.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            resp.headers_mut().insert(LEADER_HEADER, addr);
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// Runs admin routes on the leader; forwards them from a standby.
+async fn leader_only(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let resp = if shared.leader_meta().is_some() {
+        next.run(req).await
+    } else {
+        match forward(&shared, req).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        }
+    };
+    shared
+        .metrics
+        .admin_requests
+        .get_or_create(&vec![
+            ("method".to_string(), method),
+            ("code".to_string(), resp.status().as_u16().to_string()),
+        ])
+        .inc();
+    resp
+}
+
+async fn forward(shared: &Shared, req: Request) -> Result<Response, ApiError> {
+    let me = shared.config.instance_id();
+    let unavailable = |msg: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg);
+    let leader = election::leader_addr(&shared.meta).await?;
+    let Some(addr) = leader else {
+        return Err(unavailable(format!(
+            "no coordinator of cluster {} leads yet (an election is in progress); retry in a few seconds",
+            shared.config.cluster.name
+        )));
+    };
+    let standby = |msg: String| ApiError {
+        leader: Some(addr.clone()),
+        ..unavailable(msg)
+    };
+    if addr == shared.config.advertise() {
+        return Err(standby(format!(
+            "coordinator {me} is taking over or handing over the leadership; retry in a few seconds"
+        )));
+    }
+    if req.headers().contains_key(FORWARDED_BY) {
+        return Err(standby(format!(
+            "coordinator {me} is a standby; the leader is at {addr}"
+        )));
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let body = axum::body::to_bytes(req.into_body(), MAX_BODY)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
+    let answer = shared
+        .http
+        .request(method, format!("http://{addr}{path}"))
+        .header(FORWARDED_BY, me.clone())
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            return Err(standby(format!(
+                "coordinator {me} is a standby and cannot reach the leader at {addr} ({}); retry in a few seconds",
+                e.without_url()
+            )))
+        }
+    };
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let bytes = answer.bytes().await.map_err(|e| {
+        standby(format!(
+            "coordinator {me} is a standby and lost the leader's answer ({}); retry",
+            e.without_url()
+        ))
+    })?;
+    let mut resp = Response::new(Body::from(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    Ok(resp)
+}
+
+fn leader(shared: &Shared) -> Result<MetaStore, ApiError> {
+    shared.leader_meta().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this coordinator just lost its leadership; retry in a few seconds",
+        )
+    })
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Json<HealthView> {
+    let leader = if shared.leader_meta().is_some() {
+        Some(shared.config.advertise())
+    } else {
+        // Bounded: /health must answer quickly even while etcd is away.
+        tokio::time::timeout(Duration::from_secs(1), election::leader_addr(&shared.meta))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+    };
+    Json(HealthView {
+        process: "coordinator".into(),
+        cluster: shared.config.cluster.name.clone(),
+        id: shared.config.instance_id(),
+        stage: shared.stage().as_str().into(),
+        stages: shared
+            .stages()
+            .iter()
+            .map(|s| s.as_str().to_string())
+            .collect(),
+        leader,
+        etcd_error: shared.etcd_error(),
+    })
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
+    let meta = leader(&shared)?;
+    let me = shared.config.advertise();
+    let coordinators = election::candidates(&meta)
+        .await?
+        .into_iter()
+        .map(|c| CoordinatorView {
+            leader: c.addr == me,
+            id: c.id,
+            addr: c.addr,
+        })
+        .collect();
+    let mut dups = std::collections::BTreeMap::new();
+    for (_, _, d) in meta.all_dups().await? {
+        *dups.entry(d.status.as_str().to_string()).or_insert(0) += 1;
+    }
+    Ok(Json(StatusView {
+        cluster: shared.config.cluster.name.clone(),
+        cluster_id: shared.config.cluster.id,
+        leader: me,
+        coordinators,
+        nodes: list_nodes(&meta).await?,
+        tables: meta.list_tables().await?.len(),
+        dups,
+    }))
+}
+
+async fn list_tables(State(shared): State<Arc<Shared>>) -> ApiResult<Vec<TableView>> {
+    let meta = leader(&shared)?;
+    let tables = meta.list_tables().await?;
+    Ok(Json(
+        tables
+            .into_iter()
+            .map(|(name, info)| TableView { name, info })
+            .collect(),
+    ))
+}
+
+async fn create_table(
+    State(shared): State<Arc<Shared>>,
+    Json(req): Json<CreateTable>,
+) -> ApiResult<TableDetail> {
+    let meta = leader(&shared)?;
+    let nodes: Vec<String> = list_nodes(&meta)
+        .await?
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    let desc = meta
+        .create_table(&req.name, req.partitions, &nodes, now_ms())
+        .await?;
+    tracing::info!(table = %req.name, partitions = req.partitions, nodes = nodes.len(), "created table");
+    Ok(Json(desc))
+}
+
+async fn describe_table(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+) -> ApiResult<TableDetail> {
+    Ok(Json(leader(&shared)?.describe_table(&table).await?))
+}
+
+async fn drop_table(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+) -> ApiResult<TableView> {
+    let meta = leader(&shared)?;
+    let info = meta.table(&table).await?;
+    meta.drop_table(&table).await?;
+    tracing::info!(%table, "dropped table");
+    Ok(Json(TableView { name: table, info }))
+}
+
+async fn list_dups(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+) -> ApiResult<Vec<DupView>> {
+    let meta = leader(&shared)?;
+    let dups = meta.list_dups(&table).await?;
+    Ok(Json(
+        dups.into_iter()
+            .map(|(dupid, info)| DupView {
+                dupid,
+                table: table.clone(),
+                info,
+            })
+            .collect(),
+    ))
+}
+
+async fn add_dup(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<AddDup>,
+) -> ApiResult<DupView> {
+    let meta = leader(&shared)?;
+    let cfg = &shared.config;
+    let policy = DupPolicy {
+        local_cluster: &cfg.cluster.name,
+        duplication_group: cfg
+            .cluster
+            .duplication_group
+            .keys()
+            .map(String::as_str)
+            .collect(),
+        remote_clusters: cfg.remote_clusters.keys().map(String::as_str).collect(),
+    };
+    let mode = if req.full {
+        DupMode::Full
+    } else {
+        DupMode::Incremental
+    };
+    let (dupid, info) = meta
+        .add_dup(&table, &req.remote, mode, &policy, now_ms())
+        .await?;
+    tracing::info!(%table, %dupid, remote = %req.remote, %mode, status = %info.status, "added dup");
+    Ok(Json(DupView { dupid, table, info }))
+}
+
+async fn one_dup(
+    State(shared): State<Arc<Shared>>,
+    Path((table, dupid)): Path<(String, u64)>,
+) -> ApiResult<DupView> {
+    let info = leader(&shared)?.dup(&table, DupId(dupid)).await?;
+    Ok(Json(DupView {
+        dupid: DupId(dupid),
+        table,
+        info,
+    }))
+}
+
+async fn pause_dup(
+    State(shared): State<Arc<Shared>>,
+    Path((table, dupid)): Path<(String, u64)>,
+) -> ApiResult<DupView> {
+    dup_event(&shared, table, DupId(dupid), DupEvent::Pause).await
+}
+
+async fn start_dup(
+    State(shared): State<Arc<Shared>>,
+    Path((table, dupid)): Path<(String, u64)>,
+) -> ApiResult<DupView> {
+    dup_event(&shared, table, DupId(dupid), DupEvent::Start).await
+}
+
+async fn remove_dup(
+    State(shared): State<Arc<Shared>>,
+    Path((table, dupid)): Path<(String, u64)>,
+) -> ApiResult<DupView> {
+    dup_event(&shared, table, DupId(dupid), DupEvent::Remove).await
+}
+
+async fn dup_event(
+    shared: &Shared,
+    table: String,
+    dupid: DupId,
+    event: DupEvent,
+) -> ApiResult<DupView> {
+    let meta = leader(shared)?;
+    let info = meta.apply_dup_event(&table, dupid, event).await?;
+    tracing::info!(%table, %dupid, ?event, status = %info.status, "dup status");
+    Ok(Json(DupView { dupid, table, info }))
+}
+
+async fn set_fail_mode(
+    State(shared): State<Arc<Shared>>,
+    Path((table, dupid)): Path<(String, u64)>,
+    Json(req): Json<SetFailMode>,
+) -> ApiResult<DupView> {
+    let meta = leader(&shared)?;
+    let mode: FailMode = req
+        .fail_mode
+        .parse()
+        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let info = meta.set_fail_mode(&table, DupId(dupid), mode).await?;
+    tracing::info!(%table, dupid, %mode, "dup fail mode");
+    Ok(Json(DupView {
+        dupid: DupId(dupid),
+        table,
+        info,
+    }))
+}
+
+async fn pegasus_app_duplication(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<PegasusAppDuplication> {
+    let meta = leader(&shared)?;
+    let name = q
+        .get("name")
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "add ?name=<table> to the URL"))?;
+    let info = meta.table(name).await?;
+    let duplications = meta
+        .list_dups(name)
+        .await?
+        .into_iter()
+        .map(|(dupid, d)| PegasusDup {
+            dupid,
+            remote: d.remote,
+            status: d.status.as_str().into(),
+            create_ts: d.create_timestamp_ms,
+            fail_mode: d.fail_mode.as_str().into(),
+        })
+        .collect();
+    Ok(Json(PegasusAppDuplication {
+        appid: info.id,
+        app_name: name.clone(),
+        duplications,
+    }))
+}

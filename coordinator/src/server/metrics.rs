@@ -1,0 +1,87 @@
+//! The coordinator's Prometheus metrics, served on `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// Every metric of one coordinator process.
+pub struct Metrics {
+    registry: Registry,
+    /// 1 while this instance leads, else 0.
+    pub is_leader: Gauge,
+    /// How many times this instance became leader.
+    pub leader_elections: Counter,
+    /// etcd requests that failed (unreachable, timed out).
+    pub etcd_errors: Counter,
+    /// Admin API requests by method and answer code.
+    pub admin_requests: Family<Labels, Counter>,
+    /// Tables in the cluster (leader only; refreshed by the reconcile loop).
+    pub tables: Gauge,
+    /// Dups in the cluster by status (leader only; refreshed by the reconcile loop).
+    pub dups: Family<Labels, Gauge>,
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            is_leader: Gauge::default(),
+            leader_elections: Counter::default(),
+            etcd_errors: Counter::default(),
+            admin_requests: Family::default(),
+            tables: Gauge::default(),
+            dups: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "coordinator_is_leader",
+            "1 while this coordinator leads",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "coordinator_leader_elections",
+            "times this coordinator became leader",
+            m.leader_elections.clone(),
+        );
+        registry.register(
+            "coordinator_etcd_errors",
+            "etcd requests that failed",
+            m.etcd_errors.clone(),
+        );
+        registry.register(
+            "coordinator_admin_requests",
+            "admin API requests by method and status code",
+            m.admin_requests.clone(),
+        );
+        registry.register(
+            "coordinator_tables",
+            "tables in the cluster",
+            m.tables.clone(),
+        );
+        registry.register(
+            "coordinator_dups",
+            "duplications in the cluster by status",
+            m.dups.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
