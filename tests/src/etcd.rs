@@ -82,6 +82,28 @@ impl Etcd {
             .collect())
     }
 
+    /// Registers node `name` of `cluster` the way a `node` does: its JSON under
+    /// `/ferry/<cluster>/nodes/<name>`, bound to a fresh lease of `ttl_secs`. Returns the lease id.
+    pub fn register_node(&self, cluster: &str, name: &str, ttl_secs: u32) -> Result<String> {
+        let out = self.ctl(&["lease", "grant", &ttl_secs.to_string()])?;
+        // "lease 694d7b1a2c3e4f01 granted with TTL(120s)"
+        let id = out
+            .split_whitespace()
+            .nth(1)
+            .context("read the lease id")?
+            .to_string();
+        let value = format!(
+            r#"{{"name":"{name}","resp_addr":"127.0.0.1:1","receiver_addr":null,"http_addr":null,"registered_at_ms":1}}"#
+        );
+        self.ctl(&[
+            "put",
+            &format!("/ferry/{cluster}/nodes/{name}"),
+            &value,
+            &format!("--lease={id}"),
+        ])?;
+        Ok(id)
+    }
+
     /// Runs `etcdctl --endpoints <this etcd> ARGS` and returns its standard output.
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
         let out = Command::new("etcdctl")

@@ -16,7 +16,10 @@ use ferry_tests::procs::{free_port, loopback};
 fn ok(c: SocketAddr, args: &[&str]) -> Result<String> {
     let out = ferry(&[c], args)?;
     if !out.status.success() {
-        bail!("ferry {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -25,7 +28,11 @@ fn ok(c: SocketAddr, args: &[&str]) -> Result<String> {
 fn refused(c: SocketAddr, args: &[&str]) -> Result<String> {
     let out = ferry(&[c], args)?;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "ferry {args:?} should fail but printed {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !out.status.success(),
+        "ferry {args:?} should fail but printed {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_eq!(err.lines().count(), 1, "one sentence expected, got: {err}");
     Ok(err.trim_end().to_string())
 }
@@ -34,17 +41,6 @@ fn json(c: SocketAddr, args: &[&str]) -> Result<Value> {
     let mut a = args.to_vec();
     a.push("--json");
     serde_json::from_str(&ok(c, &a)?).context("parse ferry --json output")
-}
-
-fn register_node(etcd: &Etcd, name: &str) -> Result<()> {
-    let out = etcd.ctl(&["lease", "grant", "120"])?;
-    // "lease 694d7b1a2c3e4f01 granted with TTL(120s)"
-    let id = out.split_whitespace().nth(1).context("lease id")?.to_string();
-    let value = format!(
-        r#"{{"name":"{name}","resp_addr":"127.0.0.1:1","receiver_addr":null,"http_addr":null,"registered_at_ms":1}}"#
-    );
-    etcd.ctl(&["put", &format!("/ferry/bj/nodes/{name}"), &value, &format!("--lease={id}")])?;
-    Ok(())
 }
 
 fn dup_json(remote: &str, status: &str, ts: u64, fail: &str, mode: &str, table: &str) -> String {
@@ -67,7 +63,10 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     assert_eq!(st["leader"], c.to_string());
     assert_eq!(st["tables"], 0);
     let human = ok(c, &["status"])?;
-    assert!(human.contains("COORDINATOR") && human.contains("leader"), "{human}");
+    assert!(
+        human.contains("COORDINATOR") && human.contains("leader"),
+        "{human}"
+    );
 
     // The stored cluster config, as the first coordinator wrote it.
     let cfg: Value = serde_json::from_str(&etcd.get("/ferry/bj/config")?.context("config key")?)?;
@@ -78,18 +77,29 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     // A table created before any node registers waits in `creating`, partitions unplaced.
     let early = json(c, &["table", "create", "early", "-p", "2"])?;
     assert_eq!(early["state"], "creating");
-    assert_eq!(etcd.get("/ferry/bj/tables/early/partitions/0")?.as_deref(), Some(r#"{"node":null}"#));
+    assert_eq!(
+        etcd.get("/ferry/bj/tables/early/partitions/0")?.as_deref(),
+        Some(r#"{"node":null}"#)
+    );
     let refusal = refused(c, &["dup", "add", "-t", "early", "-c", "tj"])?;
-    assert_eq!(refusal, "error: table early is creating; a dup can only be added to an available table");
+    assert_eq!(
+        refusal,
+        "error: table early is creating; a dup can only be added to an available table"
+    );
 
     // Nodes register (under a lease, as `node` does); the leader places `early` on them.
-    register_node(&etcd, "n1")?;
-    register_node(&etcd, "n2")?;
+    etcd.register_node("bj", "n1", 120)?;
+    etcd.register_node("bj", "n2", 120)?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let t = json(c, &["table", "describe", "early"])?;
         if t["state"] == "available" {
-            assert!(t["partitions"].as_array().is_some_and(|ps| ps.iter().all(|p| p["node"].is_string())), "{t}");
+            assert!(
+                t["partitions"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().all(|p| p["node"].is_string())),
+                "{t}"
+            );
             break;
         }
         if Instant::now() > deadline {
@@ -105,7 +115,12 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     let ts = users["create_timestamp_ms"].as_u64().context("create ts")?;
     assert_eq!(
         etcd.get("/ferry/bj/tables/users")?.as_deref(),
-        Some(format!(r#"{{"id":2,"partition_count":4,"state":"available","create_timestamp_ms":{ts}}}"#).as_str())
+        Some(
+            format!(
+                r#"{{"id":2,"partition_count":4,"state":"available","create_timestamp_ms":{ts}}}"#
+            )
+            .as_str()
+        )
     );
     for (p, node) in [(0, "n1"), (1, "n2"), (2, "n1"), (3, "n2")] {
         assert_eq!(
@@ -116,44 +131,145 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     }
     let list = ok(c, &["table", "list"])?;
     let lines: Vec<&str> = list.lines().collect();
-    assert!(lines[0].starts_with("NAME   ID  PARTITIONS  STATE"), "{list}");
-    assert!(lines.iter().any(|l| l.starts_with("users  2   4           available")), "{list}");
-    assert!(refused(c, &["table", "create", "users", "-p", "4"])?.contains("table users already exists"));
+    assert!(
+        lines[0].starts_with("NAME   ID  PARTITIONS  STATE"),
+        "{list}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("users  2   4           available")),
+        "{list}"
+    );
+    assert!(refused(c, &["table", "create", "users", "-p", "4"])?
+        .contains("table users already exists"));
 
     // Incremental dup: DS_INIT → DS_LOG at once.
     let d = json(c, &["dup", "add", "-t", "users", "-c", "tj"])?;
     let dupid = d["dupid"].as_u64().context("dupid")?;
     let dts = d["create_timestamp_ms"].as_u64().context("ts")?;
-    assert!(dupid >= dts / 1000, "dupid is the creation time in seconds or later");
+    assert!(
+        dupid >= dts / 1000,
+        "dupid is the creation time in seconds or later"
+    );
     let key = format!("/ferry/bj/dups/users/{dupid}");
     let id = dupid.to_string();
-    assert_eq!(etcd.get(&key)?, Some(dup_json("tj", "DS_LOG", dts, "FAIL_SLOW", "incremental", "users")));
+    assert_eq!(
+        etcd.get(&key)?,
+        Some(dup_json(
+            "tj",
+            "DS_LOG",
+            dts,
+            "FAIL_SLOW",
+            "incremental",
+            "users"
+        ))
+    );
 
     let listed = ok(c, &["dup", "list", "-t", "users"])?;
     assert!(listed.starts_with("DUPID"), "{listed}");
     let row = listed.lines().nth(1).context("one dup row")?;
     let cells: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(&cells[..6], &[id.as_str(), "tj", "DS_LOG", "FAIL_SLOW", "incremental", "users"]);
+    assert_eq!(
+        &cells[..6],
+        &[
+            id.as_str(),
+            "tj",
+            "DS_LOG",
+            "FAIL_SLOW",
+            "incremental",
+            "users"
+        ]
+    );
 
     // Pause, pause again (a repeat is a no-op), start.
-    assert_eq!(ok(c, &["dup", "pause", "-t", "users", "-d", &id])?, format!("dup {id} of table users is now DS_PAUSE\n"));
-    assert_eq!(etcd.get(&key)?, Some(dup_json("tj", "DS_PAUSE", dts, "FAIL_SLOW", "incremental", "users")));
+    assert_eq!(
+        ok(c, &["dup", "pause", "-t", "users", "-d", &id])?,
+        format!("dup {id} of table users is now DS_PAUSE\n")
+    );
+    assert_eq!(
+        etcd.get(&key)?,
+        Some(dup_json(
+            "tj",
+            "DS_PAUSE",
+            dts,
+            "FAIL_SLOW",
+            "incremental",
+            "users"
+        ))
+    );
     ok(c, &["dup", "pause", "-t", "users", "-d", &id])?;
-    assert_eq!(etcd.get(&key)?, Some(dup_json("tj", "DS_PAUSE", dts, "FAIL_SLOW", "incremental", "users")));
+    assert_eq!(
+        etcd.get(&key)?,
+        Some(dup_json(
+            "tj",
+            "DS_PAUSE",
+            dts,
+            "FAIL_SLOW",
+            "incremental",
+            "users"
+        ))
+    );
     ok(c, &["dup", "start", "-t", "users", "-d", &id])?;
-    assert_eq!(etcd.get(&key)?, Some(dup_json("tj", "DS_LOG", dts, "FAIL_SLOW", "incremental", "users")));
+    assert_eq!(
+        etcd.get(&key)?,
+        Some(dup_json(
+            "tj",
+            "DS_LOG",
+            dts,
+            "FAIL_SLOW",
+            "incremental",
+            "users"
+        ))
+    );
     // Start on DS_LOG repeats PAUSE→LOG: a no-op, not an error.
     ok(c, &["dup", "start", "-t", "users", "-d", &id])?;
-    assert_eq!(etcd.get(&key)?, Some(dup_json("tj", "DS_LOG", dts, "FAIL_SLOW", "incremental", "users")));
+    assert_eq!(
+        etcd.get(&key)?,
+        Some(dup_json(
+            "tj",
+            "DS_LOG",
+            dts,
+            "FAIL_SLOW",
+            "incremental",
+            "users"
+        ))
+    );
 
     // Fail modes.
     assert_eq!(
-        ok(c, &["dup", "set-fail-mode", "-t", "users", "-d", &id, "skip"])?,
+        ok(
+            c,
+            &["dup", "set-fail-mode", "-t", "users", "-d", &id, "skip"]
+        )?,
         format!("dup {id} of table users now has fail mode FAIL_SKIP\n")
     );
-    assert_eq!(etcd.get(&key)?, Some(dup_json("tj", "DS_LOG", dts, "FAIL_SKIP", "incremental", "users")));
-    ok(c, &["dup", "set-fail-mode", "-t", "users", "-d", &id, "fast"])?;
-    assert_eq!(etcd.get(&key)?, Some(dup_json("tj", "DS_LOG", dts, "FAIL_FAST", "incremental", "users")));
+    assert_eq!(
+        etcd.get(&key)?,
+        Some(dup_json(
+            "tj",
+            "DS_LOG",
+            dts,
+            "FAIL_SKIP",
+            "incremental",
+            "users"
+        ))
+    );
+    ok(
+        c,
+        &["dup", "set-fail-mode", "-t", "users", "-d", &id, "fast"],
+    )?;
+    assert_eq!(
+        etcd.get(&key)?,
+        Some(dup_json(
+            "tj",
+            "DS_LOG",
+            dts,
+            "FAIL_FAST",
+            "incremental",
+            "users"
+        ))
+    );
 
     // Remotes must be in the duplication group and configured; one live dup per remote.
     assert_eq!(
@@ -167,7 +283,9 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     assert!(refused(c, &["dup", "add", "-t", "users", "-c", "bj"])?.contains("to itself"));
     assert_eq!(
         refused(c, &["dup", "add", "-t", "users", "-c", "tj"])?,
-        format!("error: table users already has dup {id} to cluster tj; remove it first to add another")
+        format!(
+            "error: table users already has dup {id} to cluster tj; remove it first to add another"
+        )
     );
 
     // Full dup: recorded in DS_PREPARE and nothing else happens (shipping is not built here).
@@ -176,23 +294,51 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     assert!(full_id > dupid, "dupids increase: {full_id} after {dupid}");
     let fts = f["create_timestamp_ms"].as_u64().context("ts")?;
     let fkey = format!("/ferry/bj/dups/early/{full_id}");
-    assert_eq!(etcd.get(&fkey)?, Some(dup_json("tj", "DS_PREPARE", fts, "FAIL_SLOW", "full", "early")));
-    assert!(etcd.get_prefix(&format!("{fkey}/"))?.is_empty(), "nothing pretends to ship");
+    assert_eq!(
+        etcd.get(&fkey)?,
+        Some(dup_json(
+            "tj",
+            "DS_PREPARE",
+            fts,
+            "FAIL_SLOW",
+            "full",
+            "early"
+        ))
+    );
+    assert!(
+        etcd.get_prefix(&format!("{fkey}/"))?.is_empty(),
+        "nothing pretends to ship"
+    );
     let fid = full_id.to_string();
 
     // Illegal transitions, with the documented sentences.
     assert_eq!(
         refused(c, &["dup", "pause", "-t", "early", "-d", &fid])?,
-        format!("error: dup {fid} of table early is in DS_PREPARE; only a dup in DS_LOG can be paused")
+        format!(
+            "error: dup {fid} of table early is in DS_PREPARE; only a dup in DS_LOG can be paused"
+        )
     );
     assert_eq!(
         refused(c, &["dup", "start", "-t", "early", "-d", &fid])?,
         format!("error: dup {fid} of table early is in DS_PREPARE; only a dup in DS_PAUSE can be started")
     );
-    assert_eq!(etcd.get(&fkey)?, Some(dup_json("tj", "DS_PREPARE", fts, "FAIL_SLOW", "full", "early")));
+    assert_eq!(
+        etcd.get(&fkey)?,
+        Some(dup_json(
+            "tj",
+            "DS_PREPARE",
+            fts,
+            "FAIL_SLOW",
+            "full",
+            "early"
+        ))
+    );
 
     // Unknown names.
-    assert_eq!(refused(c, &["dup", "list", "-t", "nope"])?, "error: table nope does not exist; see `ferry table list`");
+    assert_eq!(
+        refused(c, &["dup", "list", "-t", "nope"])?,
+        "error: table nope does not exist; see `ferry table list`"
+    );
     assert_eq!(
         refused(c, &["dup", "pause", "-t", "users", "-d", "42"])?,
         "error: dup 42 of table users does not exist; see `ferry dup list -t users`"
@@ -208,12 +354,25 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     assert_eq!(peg["duplications"][0]["status"], "DS_PREPARE");
 
     // Remove deletes the dup's whole subtree, progress included (written here as a shipper would).
-    etcd.ctl(&["put", &format!("{key}/progress/0"), r#"{"confirmed_decree":7,"last_confirmed_timestamp_ms":1}"#])?;
-    assert_eq!(ok(c, &["dup", "remove", "-t", "users", "-d", &id])?, format!("removed dup {id} of table users\n"));
+    etcd.ctl(&[
+        "put",
+        &format!("{key}/progress/0"),
+        r#"{"confirmed_decree":7,"last_confirmed_timestamp_ms":1}"#,
+    ])?;
+    assert_eq!(
+        ok(c, &["dup", "remove", "-t", "users", "-d", &id])?,
+        format!("removed dup {id} of table users\n")
+    );
     assert_eq!(etcd.get(&key)?, None);
-    assert!(etcd.get_prefix(&format!("{key}/"))?.is_empty(), "progress removed with the dup");
+    assert!(
+        etcd.get_prefix(&format!("{key}/"))?.is_empty(),
+        "progress removed with the dup"
+    );
     assert!(refused(c, &["dup", "remove", "-t", "users", "-d", &id])?.contains("does not exist"));
-    assert!(ok(c, &["dup", "list", "-t", "users"])?.lines().count() == 1, "only the header is left");
+    assert!(
+        ok(c, &["dup", "list", "-t", "users"])?.lines().count() == 1,
+        "only the header is left"
+    );
 
     // Drop: refused while a dup exists, then allowed.
     assert_eq!(
@@ -221,14 +380,19 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
         format!("error: table early still has duplication(s) {fid}; remove them first with `ferry dup remove -t early -d DUPID`")
     );
     ok(c, &["table", "drop", "users"])?;
-    assert!(etcd.get_prefix("/ferry/bj/tables/users")?.is_empty(), "table and partitions dropped");
+    assert!(
+        etcd.get_prefix("/ferry/bj/tables/users")?.is_empty(),
+        "table and partitions dropped"
+    );
 
     // `etcdctl get --prefix /ferry/` reads as documented: every key in a documented family,
     // every value JSON.
     let all = etcd.get_prefix("/ferry/")?;
     assert!(!all.is_empty());
     for (k, v) in &all {
-        let rest = k.strip_prefix("/ferry/bj/").context("every key under /ferry/bj/")?;
+        let rest = k
+            .strip_prefix("/ferry/bj/")
+            .context("every key under /ferry/bj/")?;
         let family = rest.split('/').next().unwrap_or_default();
         assert!(
             ["config", "nodes", "tables", "dups", "election", "seq"].contains(&family),
@@ -243,7 +407,10 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     let (code, metrics) = http_get(c, "/metrics")?;
     assert_eq!(code, 200);
     assert!(metrics.contains("coordinator_is_leader 1"), "{metrics}");
-    assert!(metrics.contains("coordinator_admin_requests_total"), "{metrics}");
+    assert!(
+        metrics.contains("coordinator_admin_requests_total"),
+        "{metrics}"
+    );
 
     // A coordinator that cannot be reached.
     let nobody = loopback(free_port());
@@ -251,8 +418,16 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with(&format!("error: cannot reach a coordinator at http://{nobody} (connection refused)")), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "error: cannot reach a coordinator at http://{nobody} (connection refused)"
+        )),
+        "{err}"
+    );
 
-    coord.proc.terminate(Duration::from_secs(10)).context("coordinator exits on SIGTERM")?;
+    coord
+        .proc
+        .terminate(Duration::from_secs(10))
+        .context("coordinator exits on SIGTERM")?;
     Ok(())
 }

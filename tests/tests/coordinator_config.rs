@@ -17,7 +17,10 @@ fn wait_exit(c: &mut Coordinator, timeout: Duration) -> Result<(i32, String)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("the coordinator did not exit within {timeout:?}: {}", c.log_text())
+    bail!(
+        "the coordinator did not exit within {timeout:?}: {}",
+        c.log_text()
+    )
 }
 
 #[test]
@@ -26,7 +29,9 @@ fn differing_config_refuses_to_start_naming_the_field() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut first = Coordinator::start(&etcd, dir.path(), "c1", &CoordinatorSpec::default())?;
     first.wait_stage(&["leader"], Duration::from_secs(20))?;
-    let stored = etcd.get("/ferry/bj/config")?.context("the first coordinator stores the config")?;
+    let stored = etcd
+        .get("/ferry/bj/config")?
+        .context("the first coordinator stores the config")?;
 
     // A different duplication group.
     let spec = CoordinatorSpec {
@@ -50,7 +55,10 @@ fn differing_config_refuses_to_start_naming_the_field() -> Result<()> {
     let mut other = Coordinator::spawn(&etcd, dir.path(), "c3", &spec)?;
     let (code, log) = wait_exit(&mut other, Duration::from_secs(20))?;
     assert_ne!(code, 0);
-    assert!(log.contains("config field `cluster.id` is 5 here but 1 in etcd key /ferry/bj/config"), "{log}");
+    assert!(
+        log.contains("config field `cluster.id` is 5 here but 1 in etcd key /ferry/bj/config"),
+        "{log}"
+    );
 
     // An invalid file is refused before etcd is even asked, naming the key.
     let spec = CoordinatorSpec {
@@ -60,13 +68,26 @@ fn differing_config_refuses_to_start_naming_the_field() -> Result<()> {
     let mut bad = Coordinator::spawn(&etcd, dir.path(), "c4", &spec)?;
     let (code, log) = wait_exit(&mut bad, Duration::from_secs(20))?;
     assert_ne!(code, 0);
-    assert!(log.contains("config key `coordinator.lease_ttl` is 1s; use between 2s and 600s"), "{log}");
+    assert!(
+        log.contains("config key `coordinator.lease_ttl` is 1s; use between 2s and 600s"),
+        "{log}"
+    );
 
     // The stored config is untouched and the first coordinator still leads and serves.
-    assert_eq!(etcd.get("/ferry/bj/config")?.as_deref(), Some(stored.as_str()));
+    assert_eq!(
+        etcd.get("/ferry/bj/config")?.as_deref(),
+        Some(stored.as_str())
+    );
     assert_eq!(first.stage()?, "leader");
     let out = ferry(&[first.addr], &["table", "list"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    first.proc.terminate(Duration::from_secs(10)).context("clean exit")?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    first
+        .proc
+        .terminate(Duration::from_secs(10))
+        .context("clean exit")?;
     Ok(())
 }

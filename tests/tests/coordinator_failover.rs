@@ -17,7 +17,10 @@ fn ok_json(cs: &[SocketAddr], args: &[&str]) -> Result<Value> {
     a.push("--json");
     let out = ferry(cs, &a)?;
     if !out.status.success() {
-        bail!("ferry {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ferry {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     serde_json::from_slice(&out.stdout).context("parse ferry --json")
 }
@@ -35,7 +38,10 @@ fn leader_of(cs: &[&Coordinator], timeout: Duration) -> Result<usize> {
         match leaders.as_slice() {
             [one] => return Ok(*one),
             [] => {}
-            many => bail!("{} coordinators claim to lead at once: {many:?}", many.len()),
+            many => bail!(
+                "{} coordinators claim to lead at once: {many:?}",
+                many.len()
+            ),
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -56,7 +62,10 @@ fn standby_takes_over_within_lease_ttl_without_losing_dups() -> Result<()> {
         Coordinator::start(&etcd, dir.path(), "c3", &spec)?,
     ];
     let leader = leader_of(&coords.iter().collect::<Vec<_>>(), Duration::from_secs(20))?;
-    let standbys: Vec<SocketAddr> = (0..3).filter(|i| *i != leader).map(|i| coords[i].addr).collect();
+    let standbys: Vec<SocketAddr> = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| coords[i].addr)
+        .collect();
 
     // Every standby reports the leader on /health.
     for i in (0..3).filter(|i| *i != leader) {
@@ -66,18 +75,29 @@ fn standby_takes_over_within_lease_ttl_without_losing_dups() -> Result<()> {
     }
 
     // Admin calls sent to a standby are forwarded to the leader.
+    etcd.register_node("bj", "n1", 120)?;
     let s0 = &standbys[..1];
     ok_json(s0, &["table", "create", "users", "-p", "3"])?;
     let d = ok_json(s0, &["dup", "add", "-t", "users", "-c", "tj"])?;
     let dupid = d["dupid"].as_u64().context("dupid")?;
-    ok_json(s0, &["dup", "pause", "-t", "users", "-d", &dupid.to_string()])?;
+    ok_json(
+        s0,
+        &["dup", "pause", "-t", "users", "-d", &dupid.to_string()],
+    )?;
     let d2 = ok_json(s0, &["dup", "add", "-t", "users", "-c", "tj"]);
-    assert!(d2.is_err(), "a second dup to tj is refused through the standby too");
+    assert!(
+        d2.is_err(),
+        "a second dup to tj is refused through the standby too"
+    );
     let key = format!("/ferry/bj/dups/users/{dupid}");
     let before = etcd.get(&key)?.context("dup stored")?;
     assert!(before.contains(r#""status":"DS_PAUSE""#), "{before}");
     let status = ok_json(s0, &["status"])?;
-    assert_eq!(status["coordinators"].as_array().map(Vec::len), Some(3), "{status}");
+    assert_eq!(
+        status["coordinators"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
 
     // kill -9 the leader.
     let killed = coords[leader].addr;
@@ -109,12 +129,20 @@ fn standby_takes_over_within_lease_ttl_without_losing_dups() -> Result<()> {
     let survivors: Vec<&Coordinator> = coords.iter().filter(|c| c.addr != killed).collect();
     let new_leader = leader_of(&survivors, Duration::from_secs(10))?;
     assert_ne!(survivors[new_leader].addr, killed);
-    let started = ok_json(&standbys, &["dup", "start", "-t", "users", "-d", &dupid.to_string()])?;
+    let started = ok_json(
+        &standbys,
+        &["dup", "start", "-t", "users", "-d", &dupid.to_string()],
+    )?;
     assert_eq!(started["status"], "DS_LOG");
-    assert!(etcd.get(&key)?.context("dup")?.contains(r#""status":"DS_LOG""#));
+    assert!(etcd
+        .get(&key)?
+        .context("dup")?
+        .contains(r#""status":"DS_LOG""#));
 
-    for c in coords.iter_mut() {
-        c.proc.terminate(Duration::from_secs(10));
+    for c in coords.iter_mut().filter(|c| c.addr != killed) {
+        c.proc
+            .terminate(Duration::from_secs(10))
+            .context("clean exit on SIGTERM")?;
     }
     Ok(())
 }

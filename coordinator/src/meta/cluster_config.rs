@@ -61,9 +61,20 @@ pub fn compare(ours: &ClusterConfig, stored: &Value, key: &str) -> Result<(), Me
         Some(Value::String(s)) => s.clone(),
         Some(v) => v.to_string(),
     };
-    let fields = ours
-        .keys()
-        .chain(stored.keys().filter(|k| !ours.contains_key(*k)));
+    // The most telling difference first (the declared order), then anything else either has.
+    let declared = [
+        "name",
+        "id",
+        "duplication_group",
+        "partition_hash",
+        "plog_format_version",
+    ];
+    let mut fields: Vec<&str> = declared.to_vec();
+    for k in ours.keys().chain(stored.keys()) {
+        if !fields.contains(&k.as_str()) {
+            fields.push(k);
+        }
+    }
     for field in fields {
         let (a, b) = (ours.get(field), stored.get(field));
         if a != b {
