@@ -49,6 +49,7 @@ fn main_inner() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = CoordinatorConfig::load(&args.config).context("load the config")?;
     if let Some(v) = args.id {

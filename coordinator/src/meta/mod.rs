@@ -198,7 +198,7 @@ impl MetaStore {
     pub fn unavailable(&self, e: impl std::fmt::Display) -> MetaError {
         MetaError::Unavailable {
             endpoints: self.endpoints.clone(),
-            reason: e.to_string(),
+            reason: short_reason(&e.to_string()),
         }
     }
 
@@ -274,6 +274,30 @@ impl MetaStore {
     }
 }
 
+/// The gist of a transport error: gRPC and tonic nest several layers of debug output, of which
+/// an operator needs only the cause.
+fn short_reason(full: &str) -> String {
+    let lower = full.to_ascii_lowercase();
+    let known = [
+        ("connection refused", "connection refused"),
+        ("tcp connect error", "cannot connect"),
+        ("timed out", "timed out"),
+        ("deadline", "timed out"),
+        ("connection reset", "connection reset"),
+        ("broken pipe", "connection lost"),
+        ("h2 protocol error", "connection lost"),
+        ("no leader", "etcd has no leader"),
+    ];
+    for (needle, gist) in known {
+        if lower.contains(needle) {
+            return gist.to_string();
+        }
+    }
+    // Unknown: keep it, but bounded to one readable line.
+    let line = full.lines().next().unwrap_or_default();
+    line.chars().take(160).collect()
+}
+
 /// Compare: `key` does not exist, or still has the `mod_revision` read before.
 fn unchanged(key: &str, seen: Option<&KeyValue>) -> Compare {
     match seen {
@@ -302,4 +326,19 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_reason;
+
+    #[test]
+    fn transport_errors_are_shortened() {
+        let tonic = r#"grpc request error: code: 'The service is currently unavailable', message: "tcp connect error", source: tonic::transport::Error(Transport, ConnectError(ConnectError("tcp connect error", 127.0.0.1:23791, Os { code: 111, kind: ConnectionRefused, message: "Connection refused" })))"#;
+        assert_eq!(short_reason(tonic), "connection refused");
+        assert_eq!(
+            short_reason("no answer within 3000ms"),
+            "no answer within 3000ms"
+        );
+    }
 }
