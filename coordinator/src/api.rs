@@ -8,6 +8,7 @@
 //! | POST | `/v1/tables` | [`CreateTable`] | [`TableDetail`] |
 //! | GET | `/v1/tables/{table}` | | [`TableDetail`] |
 //! | DELETE | `/v1/tables/{table}` | | [`TableView`] |
+//! | PUT | `/v1/tables/{table}/state` | [`SetTableState`] | [`TableView`] |
 //! | GET | `/v1/tables/{table}/dups` | | `[`[`DupView`]`]` |
 //! | POST | `/v1/tables/{table}/dups` | [`AddDup`] | [`DupView`] |
 //! | GET | `/v1/tables/{table}/dups/{dupid}` | | [`DupView`] |
@@ -45,6 +46,13 @@ pub struct AddDup {
     /// Full duplication (checkpoint first).
     #[serde(default)]
     pub full: bool,
+}
+
+/// `PUT /v1/tables/{table}/state`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetTableState {
+    /// `available`, `read_only` or `demoted`.
+    pub state: String,
 }
 
 /// `PUT /v1/tables/{table}/dups/{dupid}/fail_mode`.

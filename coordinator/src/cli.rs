@@ -8,7 +8,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::api::{AddDup, CreateTable, DupView, SetFailMode, StatusView, TableDetail, TableView};
+use crate::api::{
+    AddDup, CreateTable, DupView, SetFailMode, SetTableState, StatusView, TableDetail, TableView,
+};
 use crate::client::{AdminClient, ClientError};
 
 /// ferry's admin CLI: tables and duplications of one cluster.
@@ -73,6 +75,28 @@ pub enum TableCommand {
         /// Table name.
         name: String,
     },
+    /// Set a table's state: `read_only` makes nodes refuse writes, `demoted` marks the old
+    /// source after a failover.
+    SetState {
+        /// Table name.
+        name: String,
+        /// The new state.
+        state: TableStateArg,
+    },
+}
+
+/// Table states an operator may set.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TableStateArg {
+    /// Serving reads and writes.
+    #[value(name = "available")]
+    Available,
+    /// Refusing writes.
+    #[value(name = "read_only")]
+    ReadOnly,
+    /// The old source after a failover.
+    #[value(name = "demoted")]
+    Demoted,
 }
 
 /// `ferry dup ...`.
@@ -206,6 +230,24 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
         Command::Table(TableCommand::Drop { name }) => {
             let t: TableView = client.delete(&format!("/v1/tables/{}", seg(&name))).await?;
             render(json, &t, |t| format!("dropped table {}\n", t.name))
+        }
+        Command::Table(TableCommand::SetState { name, state }) => {
+            let state = match state {
+                TableStateArg::Available => "available",
+                TableStateArg::ReadOnly => "read_only",
+                TableStateArg::Demoted => "demoted",
+            };
+            let t: TableView = client
+                .put(
+                    &format!("/v1/tables/{}/state", seg(&name)),
+                    &SetTableState {
+                        state: state.into(),
+                    },
+                )
+                .await?;
+            render(json, &t, |t| {
+                format!("table {} is now {}\n", t.name, t.info.state)
+            })
         }
         Command::Dup(DupCommand::Add {
             table,

@@ -259,3 +259,56 @@ async fn progress_only_moves_forward_and_dies_with_the_dup() -> R {
     assert!(matches!(gone, Err(MetaError::NoSuchDup { .. })));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_states_and_late_placement() -> R {
+    use ferry_coordinator::meta::TableState;
+    let etcd = Etcd::start()?;
+    let meta = store(&etcd, "bj").await?;
+    // No nodes: the table waits in `creating` and its state cannot be forced.
+    let t = meta.create_table("users", 3, &[], 1).await?;
+    assert_eq!(t.info.state, TableState::Creating);
+    let err = meta
+        .set_table_state("users", TableState::ReadOnly)
+        .await
+        .expect_err("still creating");
+    assert!(err.to_string().contains("still creating"), "{err}");
+    // A node appears: the leader's reconcile places every partition and makes it available.
+    assert_eq!(
+        meta.complete_creating_tables(&["n1".into(), "n2".into()])
+            .await?,
+        1
+    );
+    let t = meta.describe_table("users").await?;
+    assert_eq!(t.info.state, TableState::Available);
+    let nodes: Vec<Option<String>> = t
+        .partitions
+        .into_iter()
+        .map(|p| p.and_then(|p| p.node))
+        .collect();
+    assert_eq!(
+        nodes,
+        [Some("n2".into()), Some("n1".into()), Some("n2".into())]
+    );
+    assert_eq!(
+        meta.set_table_state("users", TableState::ReadOnly)
+            .await?
+            .state,
+        TableState::ReadOnly
+    );
+    assert!(matches!(
+        meta.set_table_state("users", TableState::Creating).await,
+        Err(MetaError::Invalid(_))
+    ));
+    // More partitions than one etcd transaction may hold are written in chunks.
+    meta.create_table("big", 300, &["n1".into()], 1).await?;
+    let big = meta.describe_table("big").await?;
+    assert_eq!(big.info.state, TableState::Available);
+    assert!(big
+        .partitions
+        .iter()
+        .all(|p| p.as_ref().is_some_and(|p| p.node.is_some())));
+    meta.drop_table("big").await?;
+    assert!(etcd.get_prefix("/ferry/bj/tables/big")?.is_empty());
+    Ok(())
+}

@@ -144,6 +144,29 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
     assert!(refused(c, &["table", "create", "users", "-p", "4"])?
         .contains("table users already exists"));
 
+    // Table states: read_only (nodes refuse writes) and back.
+    assert_eq!(
+        ok(c, &["table", "set-state", "users", "read_only"])?,
+        "table users is now read_only\n"
+    );
+    assert_eq!(
+        etcd.get("/ferry/bj/tables/users")?.as_deref(),
+        Some(
+            format!(
+                r#"{{"id":2,"partition_count":4,"state":"read_only","create_timestamp_ms":{ts}}}"#
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        refused(c, &["dup", "add", "-t", "users", "-c", "tj"])?,
+        "error: table users is read_only; a dup can only be added to an available table"
+    );
+    ok(c, &["table", "set-state", "users", "available"])?;
+    // `creating` is not something an operator can set (a usage error, exit code 2).
+    let out = ferry(&[c], &["table", "set-state", "users", "creating"])?;
+    assert_eq!(out.status.code(), Some(2));
+
     // Incremental dup: DS_INIT → DS_LOG at once.
     let d = json(c, &["dup", "add", "-t", "users", "-c", "tj"])?;
     let dupid = d["dupid"].as_u64().context("dupid")?;

@@ -207,13 +207,25 @@ impl MetaStore {
         Ok(done)
     }
 
-    /// Sets a table's state (e.g. `read_only` while fenced for failover).
+    /// Sets a table's state (e.g. `read_only` while fenced for failover). A table still
+    /// `creating` keeps that state until its partitions are placed.
     pub async fn set_table_state(
         &self,
         name: &str,
         state: TableState,
     ) -> Result<TableInfo, MetaError> {
+        if state == TableState::Creating {
+            return Err(MetaError::Invalid(format!(
+                "table {name} cannot be set to creating; use available, read_only or demoted"
+            )));
+        }
         self.update_table(name, |t| {
+            if t.state == TableState::Creating {
+                return Err(MetaError::Conflict(format!(
+                    "table {name} is still creating (its partitions are not all placed); \
+                     register nodes and retry when it is available"
+                )));
+            }
             t.state = state;
             Ok(())
         })

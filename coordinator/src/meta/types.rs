@@ -104,6 +104,23 @@ impl TableState {
     }
 }
 
+/// Parses the stored names (`available`, `read_only`, ...).
+impl std::str::FromStr for TableState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            TableState::Creating,
+            TableState::Available,
+            TableState::ReadOnly,
+            TableState::Demoted,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+        .ok_or_else(|| format!("unknown table state `{s}`; use available, read_only or demoted"))
+    }
+}
+
 impl std::fmt::Display for TableState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())

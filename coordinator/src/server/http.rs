@@ -22,10 +22,10 @@ use ferry_proto::DupId;
 use super::{election, Shared};
 use crate::api::{
     AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, HealthView, PegasusAppDuplication,
-    PegasusDup, SetFailMode, StatusView, TableDetail, TableView,
+    PegasusDup, SetFailMode, SetTableState, StatusView, TableDetail, TableView,
 };
 use crate::meta::dups::DupPolicy;
-use crate::meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore};
+use crate::meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore, TableState};
 use crate::status::{DupEvent, FailMode};
 
 /// Header set on a forwarded request (its value names the standby that forwarded it).
@@ -56,6 +56,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/tables", get(list_tables).post(create_table))
         .route("/v1/tables/{table}", get(describe_table).delete(drop_table))
+        .route("/v1/tables/{table}/state", put(set_table_state))
         .route("/v1/tables/{table}/dups", get(list_dups).post(add_dup))
         .route(
             "/v1/tables/{table}/dups/{dupid}",
@@ -337,6 +338,21 @@ async fn drop_table(
     let info = meta.table(&table).await?;
     meta.drop_table(&table).await?;
     tracing::info!(%table, "dropped table");
+    Ok(Json(TableView { name: table, info }))
+}
+
+async fn set_table_state(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<SetTableState>,
+) -> ApiResult<TableView> {
+    let meta = leader(&shared)?;
+    let state: TableState = req
+        .state
+        .parse()
+        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let info = meta.set_table_state(&table, state).await?;
+    tracing::info!(%table, %state, "table state");
     Ok(Json(TableView { name: table, info }))
 }
 
