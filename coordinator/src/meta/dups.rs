@@ -13,8 +13,8 @@ use ferry_proto::{DupId, PartitionId};
 
 use super::keys::Keys;
 use super::{
-    decode, encode, unchanged, DupInfo, DupMode, MetaError, MetaStore, Progress, TableState,
-    CAS_ATTEMPTS,
+    decode, encode, known_table, unchanged, DupInfo, DupMode, MetaError, MetaStore, Progress,
+    TableState, CAS_ATTEMPTS,
 };
 use crate::status::{transition, DupEvent, DupStatus, FailMode};
 
@@ -56,6 +56,7 @@ impl DupPolicy<'_> {
 impl MetaStore {
     /// The dups of a table, oldest first. [`MetaError::NoSuchTable`] if the table is unknown.
     pub async fn list_dups(&self, table: &str) -> Result<Vec<(DupId, DupInfo)>, MetaError> {
+        known_table(table)?;
         let prefix = self.keys().dups(table);
         let mut out = Vec::new();
         for kv in self.get_prefix(prefix.clone()).await? {
@@ -107,6 +108,7 @@ impl MetaStore {
         policy: &DupPolicy<'_>,
         now_ms: u64,
     ) -> Result<(DupId, DupInfo), MetaError> {
+        known_table(table)?;
         policy.check_remote(table, remote)?;
         let table_key = self.keys().table(table);
         let seq_key = self.keys().dupid_seq();
@@ -266,6 +268,7 @@ impl MetaStore {
         p: PartitionId,
         progress: &Progress,
     ) -> Result<Progress, MetaError> {
+        known_table(table)?;
         let dup_key = self.keys().dup(table, dupid);
         let key = self.keys().progress(table, dupid, p);
         for _ in 0..CAS_ATTEMPTS {
@@ -327,6 +330,7 @@ impl MetaStore {
     }
 
     async fn dup_kv(&self, table: &str, dupid: DupId) -> Result<(KeyValue, DupInfo), MetaError> {
+        known_table(table)?;
         match self.get(self.keys().dup(table, dupid)).await? {
             Some(kv) => {
                 let info = decode(&kv)?;

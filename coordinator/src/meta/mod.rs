@@ -298,6 +298,15 @@ fn short_reason(full: &str) -> String {
     line.chars().take(160).collect()
 }
 
+/// A name that cannot be a table's (say `a/b`, which would read another key) names no table.
+fn known_table(name: &str) -> Result<(), MetaError> {
+    if crate::config::valid_name(name) {
+        Ok(())
+    } else {
+        Err(MetaError::NoSuchTable(name.into()))
+    }
+}
+
 /// Compare: `key` does not exist, or still has the `mod_revision` read before.
 fn unchanged(key: &str, seen: Option<&KeyValue>) -> Compare {
     match seen {

@@ -13,8 +13,8 @@ use ferry_proto::PartitionId;
 
 use super::keys::Keys;
 use super::{
-    decode, encode, unchanged, MetaError, MetaStore, PartitionEntry, TableInfo, TableState,
-    CAS_ATTEMPTS,
+    decode, encode, known_table, unchanged, MetaError, MetaStore, PartitionEntry, TableInfo,
+    TableState, CAS_ATTEMPTS,
 };
 use crate::config::valid_name;
 
@@ -35,6 +35,17 @@ pub struct TableDescription {
     pub partitions: Vec<Option<PartitionEntry>>,
 }
 
+/// A table's partitions placed on one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// The table.
+    pub table: String,
+    /// Its stored value (partition count, state).
+    pub info: TableInfo,
+    /// The partitions this node hosts, ascending.
+    pub partitions: Vec<PartitionId>,
+}
+
 impl MetaStore {
     /// Every table, sorted by name.
     pub async fn list_tables(&self) -> Result<Vec<(String, TableInfo)>, MetaError> {
@@ -48,8 +59,51 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// The partitions placed on `node`, per table (sorted by name), with each table's value:
+    /// what a node opens at start-up, and re-reads when the partition table or a state changes.
+    /// One consistent etcd read.
+    pub async fn assignments(&self, node: &str) -> Result<Vec<Assignment>, MetaError> {
+        let prefix = self.keys().tables();
+        let mut tables: Vec<Assignment> = Vec::new();
+        let mut placed: Vec<(String, PartitionId)> = Vec::new();
+        for kv in self.get_prefix(prefix.clone()).await? {
+            let Some(rest) = kv.key().strip_prefix(prefix.as_bytes()) else {
+                continue;
+            };
+            let rest = String::from_utf8_lossy(rest);
+            let parts: Vec<&str> = rest.split('/').collect();
+            match parts.as_slice() {
+                [name] => tables.push(Assignment {
+                    table: (*name).to_owned(),
+                    info: decode(&kv)?,
+                    partitions: Vec::new(),
+                }),
+                [name, "partitions", p] => {
+                    let entry: PartitionEntry = decode(&kv)?;
+                    if let (Some(n), Ok(p)) = (entry.node, p.parse::<u32>()) {
+                        if n == node {
+                            placed.push(((*name).to_owned(), PartitionId(p)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (name, p) in placed {
+            if let Some(a) = tables.iter_mut().find(|a| a.table == name) {
+                a.partitions.push(p);
+            }
+        }
+        tables.retain(|a| !a.partitions.is_empty());
+        for a in &mut tables {
+            a.partitions.sort();
+        }
+        Ok(tables)
+    }
+
     /// One table, or [`MetaError::NoSuchTable`].
     pub async fn table(&self, name: &str) -> Result<TableInfo, MetaError> {
+        known_table(name)?;
         let kv = self
             .get(self.keys().table(name))
             .await?
@@ -235,6 +289,7 @@ impl MetaStore {
     /// Drops a table and its partition table. Refused while the table has duplications: remove
     /// them first, so that no shipper is left reading a table that is gone.
     pub async fn drop_table(&self, name: &str) -> Result<(), MetaError> {
+        known_table(name)?;
         let table_key = self.keys().table(name);
         let dups_prefix = self.keys().dups(name);
         for _ in 0..CAS_ATTEMPTS {
@@ -279,6 +334,7 @@ impl MetaStore {
         name: &str,
         mut change: impl FnMut(&mut TableInfo) -> Result<(), MetaError>,
     ) -> Result<TableInfo, MetaError> {
+        known_table(name)?;
         let key = self.keys().table(name);
         for _ in 0..CAS_ATTEMPTS {
             let kv = self
