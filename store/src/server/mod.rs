@@ -117,6 +117,8 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
     let opts = config.partition_options()?;
     let stage = Arc::new(StageCell::default());
 
+    check_partition_count(&config)?;
+
     // 1. The table. Opening replays plogs: blocking work, off the runtime threads.
     let t = Instant::now();
     let (dir, name, count) = (
@@ -135,21 +137,16 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
                     config.data_dir.display()
                 )
             })?;
-    let torn: Vec<_> = reports
+    // Each partition has already logged its torn tail (file, offset, bytes); this is the summary.
+    let torn = reports
         .iter()
         .filter(|r| r.plog.torn_tail.is_some())
-        .collect();
-    for r in &torn {
-        if let Some(tail) = &r.plog.torn_tail {
-            tracing::warn!(partition = r.partition.0, file = %tail.file.display(), offset = tail.offset,
-                bytes_dropped = tail.bytes_dropped, "replay cut a torn plog tail (writes that were never acknowledged)");
-        }
-    }
+        .count();
     tracing::info!(
         table = %config.table,
         partitions = config.partitions,
         records_replayed = reports.iter().map(|r| r.plog.replayed).sum::<u64>(),
-        torn_tails_cut = torn.len(),
+        torn_tails_cut = torn,
         committed_decrees = ?reports.iter().map(|r| r.committed.0).collect::<Vec<_>>(),
         elapsed_ms = t.elapsed().as_millis() as u64,
         "table opened"
@@ -241,6 +238,30 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
     }
     tracing::info!("node stopped");
     Ok(())
+}
+
+/// Refuses to open a table whose directory holds another number of partitions than configured:
+/// keys are routed by `hash % partitions`, so a changed count would hide existing keys. (The
+/// table does not record its count yet, so the directories are the record.)
+fn check_partition_count(config: &NodeConfig) -> anyhow::Result<()> {
+    let dir = config.data_dir.join(&config.table);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(());
+    };
+    let on_disk = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .max()
+        .map(|p| p + 1);
+    match on_disk {
+        Some(n) if n != config.partitions => Err(anyhow!(
+            "table `{}` in {} has {n} partitions on disk but `partitions` is {}; start the node \
+             with --partitions {n} (the partition count of a table cannot change)",
+            config.table,
+            dir.display(),
+            config.partitions
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Drops the table off the runtime: each partition's writer finishes its queue and flushes.
@@ -615,6 +636,37 @@ mod tests {
             .sum();
         assert_eq!(decrees, 1, "{metrics}");
         server.stop().await;
+    }
+
+    #[test]
+    fn a_changed_partition_count_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for p in 0..4 {
+            std::fs::create_dir_all(dir.path().join("default").join(p.to_string())).expect("mkdir");
+        }
+        let config = |partitions| NodeConfig {
+            cluster_id: Some(1),
+            partitions,
+            data_dir: dir.path().to_path_buf(),
+            ..NodeConfig::default()
+        };
+        let e = check_partition_count(&config(2)).expect_err("fewer partitions than on disk");
+        assert!(
+            e.to_string()
+                .contains("has 4 partitions on disk but `partitions` is 2"),
+            "{e}"
+        );
+        check_partition_count(&config(4)).expect("same count");
+        let e = check_partition_count(&config(8)).expect_err("more partitions than on disk");
+        assert!(
+            e.to_string().contains("start the node with --partitions 4"),
+            "{e}"
+        );
+        let fresh = NodeConfig {
+            table: "other".into(),
+            ..config(8)
+        };
+        check_partition_count(&fresh).expect("a new table may have any count");
     }
 
     fn free_port() -> SocketAddr {
