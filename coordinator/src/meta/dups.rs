@@ -306,27 +306,16 @@ impl MetaStore {
         &self,
         table: &str,
         dupid: DupId,
-        mut change: impl FnMut(&mut DupInfo) -> Result<(), MetaError>,
+        change: impl FnMut(&mut DupInfo) -> Result<(), MetaError>,
     ) -> Result<DupInfo, MetaError> {
-        let key = self.keys().dup(table, dupid);
-        for _ in 0..CAS_ATTEMPTS {
-            let (kv, mut info) = self.dup_kv(table, dupid).await?;
-            let before = info.clone();
-            change(&mut info)?;
-            if info == before {
-                return Ok(info);
-            }
-            if self
-                .cas(
-                    vec![unchanged(&key, Some(&kv))],
-                    vec![TxnOp::put(key.clone(), encode(&info), None)],
-                )
-                .await?
-            {
-                return Ok(info);
-            }
+        known_table(table)?;
+        match self
+            .update_json(&self.keys().dup(table, dupid), change)
+            .await?
+        {
+            Some(info) => Ok(info),
+            None => Err(self.no_such_dup(table, dupid).await),
         }
-        Err(MetaError::Contended { key })
     }
 
     async fn dup_kv(&self, table: &str, dupid: DupId) -> Result<(KeyValue, DupInfo), MetaError> {
@@ -336,14 +325,18 @@ impl MetaStore {
                 let info = decode(&kv)?;
                 Ok((kv, info))
             }
-            None => {
-                // Tell an unknown dup from an unknown table.
-                self.table(table).await?;
-                Err(MetaError::NoSuchDup {
-                    table: table.into(),
-                    dupid,
-                })
-            }
+            None => Err(self.no_such_dup(table, dupid).await),
+        }
+    }
+
+    /// The error for a missing dup: an unknown table, or an unknown dup of a known table.
+    async fn no_such_dup(&self, table: &str, dupid: DupId) -> MetaError {
+        match self.table(table).await {
+            Ok(_) => MetaError::NoSuchDup {
+                table: table.into(),
+                dupid,
+            },
+            Err(e) => e,
         }
     }
 }

@@ -260,6 +260,54 @@ impl MetaStore {
             .is_some_and(|kv| kv.create_revision() == f.revision))
     }
 
+    /// Grants a lease of `ttl` (whole seconds, at least one).
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<i64, MetaError> {
+        let mut lc = self.client.lease_client();
+        let ttl = ttl.as_secs().max(1) as i64;
+        Ok(self.deadline(lc.grant(ttl, None)).await?.id())
+    }
+
+    /// Revokes a lease, which deletes its keys at once. Best effort: an unreachable etcd lets
+    /// the lease expire by itself.
+    pub async fn revoke_lease(&self, id: i64) {
+        let mut lc = self.client.lease_client();
+        let _ = self.deadline(lc.revoke(id)).await;
+    }
+
+    /// Read-modify-write of one JSON value with compare-and-swap, retried from a fresh read when
+    /// another writer got there first. `Ok(None)` if the key does not exist. A change that
+    /// leaves the value as it was writes nothing.
+    async fn update_json<T>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(&mut T) -> Result<(), MetaError>,
+    ) -> Result<Option<T>, MetaError>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + Clone + PartialEq,
+    {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some(kv) = self.get(key.to_owned()).await? else {
+                return Ok(None);
+            };
+            let mut value: T = decode(&kv)?;
+            let before = value.clone();
+            change(&mut value)?;
+            if value == before {
+                return Ok(Some(value));
+            }
+            if self
+                .cas(
+                    vec![unchanged(key, Some(&kv))],
+                    vec![TxnOp::put(key, encode(&value), None)],
+                )
+                .await?
+            {
+                return Ok(Some(value));
+            }
+        }
+        Err(MetaError::Contended { key: key.into() })
+    }
+
     async fn deadline<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,

@@ -86,9 +86,9 @@ impl Registration {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        if let Some(id) = *self.lease.borrow() {
-            let mut lc = self.meta.client().lease_client();
-            let _ = tokio::time::timeout(self.meta.timeout(), lc.revoke(id)).await;
+        let lease = *self.lease.borrow();
+        if let Some(id) = lease {
+            self.meta.revoke_lease(id).await;
         }
     }
 }
@@ -210,21 +210,11 @@ async fn put_under_new_lease(
     info: &NodeInfo,
     ttl: Duration,
 ) -> Result<i64, MetaError> {
-    let mut lc = meta.client().lease_client();
-    let lease = tokio::time::timeout(meta.timeout(), lc.grant(ttl.as_secs().max(1) as i64, None))
-        .await
-        .map_err(|_| meta.unavailable("lease grant timed out"))?
-        .map_err(|e| meta.unavailable(e))?
-        .id();
+    let lease = meta.grant_lease(ttl).await?;
     let mut kv = meta.client().kv_client();
     let opts = etcd_client::PutOptions::new().with_lease(lease);
-    tokio::time::timeout(
-        meta.timeout(),
-        kv.put(meta.keys().node(&info.name), encode(info), Some(opts)),
-    )
-    .await
-    .map_err(|_| meta.unavailable("put timed out"))?
-    .map_err(|e| meta.unavailable(e))?;
+    meta.deadline(kv.put(meta.keys().node(&info.name), encode(info), Some(opts)))
+        .await?;
     Ok(lease)
 }
 

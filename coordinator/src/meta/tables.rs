@@ -332,31 +332,11 @@ impl MetaStore {
     pub async fn update_table(
         &self,
         name: &str,
-        mut change: impl FnMut(&mut TableInfo) -> Result<(), MetaError>,
+        change: impl FnMut(&mut TableInfo) -> Result<(), MetaError>,
     ) -> Result<TableInfo, MetaError> {
         known_table(name)?;
-        let key = self.keys().table(name);
-        for _ in 0..CAS_ATTEMPTS {
-            let kv = self
-                .get(key.clone())
-                .await?
-                .ok_or_else(|| MetaError::NoSuchTable(name.into()))?;
-            let mut info: TableInfo = decode(&kv)?;
-            let before = info.clone();
-            change(&mut info)?;
-            if info == before {
-                return Ok(info);
-            }
-            if self
-                .cas(
-                    vec![unchanged(&key, Some(&kv))],
-                    vec![TxnOp::put(key.clone(), encode(&info), None)],
-                )
-                .await?
-            {
-                return Ok(info);
-            }
-        }
-        Err(MetaError::Contended { key })
+        self.update_json(&self.keys().table(name), change)
+            .await?
+            .ok_or_else(|| MetaError::NoSuchTable(name.into()))
     }
 }

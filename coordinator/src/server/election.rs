@@ -79,12 +79,7 @@ pub async fn candidates(meta: &MetaStore) -> Result<Vec<Candidate>, MetaError> {
 async fn round(shared: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), MetaError> {
     let meta = &shared.meta;
     let ttl = shared.config.coordinator.lease_ttl;
-    let mut lc = meta.client().lease_client();
-    let lease = tokio::time::timeout(meta.timeout(), lc.grant(ttl.as_secs().max(1) as i64, None))
-        .await
-        .map_err(|_| meta.unavailable("lease grant timed out"))?
-        .map_err(|e| meta.unavailable(e))?
-        .id();
+    let lease = meta.grant_lease(ttl).await?;
     shared.etcd_status(None);
     let lease_cancel = cancel.child_token();
     let keeper = {
@@ -95,7 +90,7 @@ async fn round(shared: &Arc<Shared>, cancel: &CancellationToken) -> Result<(), M
     let result = lead_while_lease_lives(shared, lease, keeper, cancel).await;
     lease_cancel.cancel();
     shared.set_leader(None);
-    let _ = tokio::time::timeout(meta.timeout(), lc.revoke(lease)).await;
+    meta.revoke_lease(lease).await;
     result
 }
 
