@@ -81,6 +81,8 @@ pub static SPECS: &[Spec] = &[
     spec("pexpireat", -3, W, KEY1),
     spec("ttl", 2, R, KEY1),
     spec("pttl", 2, R, KEY1),
+    spec("type", 2, R, KEY1),
+    spec("strlen", 2, R, KEY1),
     spec("persist", 2, W, KEY1),
     spec("scan", -2, RS, NOKEYS),
     spec("dbsize", 1, RS, NOKEYS),
@@ -124,6 +126,9 @@ pub enum Command {
         key: Bytes,
         millis: bool,
     },
+    /// TYPE: "string" or "none".
+    Type(Bytes),
+    StrLen(Bytes),
     Scan {
         cursor: u64,
         pattern: Option<Bytes>,
@@ -182,9 +187,15 @@ impl Command {
         use Command::*;
         match self {
             Set(_) | Del(_) | MSet(_) | IncrBy { .. } | Expire { .. } => Class::Write,
-            Get(_) | Exists(_) | MGet(_) | Ttl { .. } | Scan { .. } | DbSize | Info(_) => {
-                Class::Read
-            }
+            Get(_)
+            | Exists(_)
+            | MGet(_)
+            | Ttl { .. }
+            | Type(_)
+            | StrLen(_)
+            | Scan { .. }
+            | DbSize
+            | Info(_) => Class::Read,
             Quit => Class::Quit,
             Ping(_) | Echo(_) | Select | CommandInfo(_) | ConfigGet(_) | ClientOk
             | ClientGetName => Class::Immediate,
@@ -346,6 +357,8 @@ pub fn parse(args: &[Bytes], now_ms: u64) -> Result<Command, CmdError> {
             key: arg(0)?,
             at_ms: None,
         },
+        "type" => Command::Type(arg(0)?),
+        "strlen" => Command::StrLen(arg(0)?),
         "ttl" => Command::Ttl {
             key: arg(0)?,
             millis: false,
@@ -604,6 +617,14 @@ pub fn execute(node: &Node, cmd: Command) -> Frame {
             }
             Frame::Integer(n)
         }
+        Command::Type(key) => match table.partition_for(&key).get(&key) {
+            Ok(found) => simple(if found.is_some() { "string" } else { "none" }),
+            Err(e) => read_error(&e),
+        },
+        Command::StrLen(key) => match table.partition_for(&key).get(&key) {
+            Ok(found) => Frame::Integer(found.map_or(0, |l| l.value.len() as i64)),
+            Err(e) => read_error(&e),
+        },
         Command::Ttl { key, millis } => match table.partition_for(&key).get(&key) {
             Ok(None) => Frame::Integer(-2),
             Ok(Some(live)) if live.expire_at_ms == 0 => Frame::Integer(-1),

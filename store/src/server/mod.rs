@@ -393,6 +393,16 @@ mod tests {
         assert_eq!(cmd(&node, "DBSIZE").await, Frame::Integer(5));
         assert_eq!(cmd(&node, "TTL k3").await, Frame::Integer(-1));
         assert_eq!(cmd(&node, "TTL missing").await, Frame::Integer(-2));
+        assert_eq!(
+            cmd(&node, "TYPE k3").await,
+            Frame::SimpleString("string".into())
+        );
+        assert_eq!(
+            cmd(&node, "TYPE missing").await,
+            Frame::SimpleString("none".into())
+        );
+        assert_eq!(cmd(&node, "STRLEN k3").await, Frame::Integer(2));
+        assert_eq!(cmd(&node, "STRLEN missing").await, Frame::Integer(0));
         assert_eq!(cmd(&node, "EXPIRE k3 100").await, Frame::Integer(1));
         assert_eq!(cmd(&node, "TTL k3").await, Frame::Integer(100));
         assert!(
