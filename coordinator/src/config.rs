@@ -219,6 +219,12 @@ impl CoordinatorConfig {
                     format!("names cluster `{name}`, which is not in cluster.duplication_group; add it there with its id"),
                 ));
             }
+            if let Some(bad) = addrs.iter().find(|a| !is_host_port(a)) {
+                return Err(invalid(
+                    &key,
+                    format!("has address `{bad}`; write each coordinator as host:port"),
+                ));
+            }
             if addrs.is_empty() {
                 return Err(invalid(
                     &key,
@@ -341,6 +347,13 @@ pub fn valid_name(s: &str) -> bool {
         && s != ".."
 }
 
+/// `host:port`, e.g. `10.2.0.1:34601` or `tj-meta.example:34601`.
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains('/') && port.parse::<u16>().is_ok()
+    })
+}
+
 fn default_partition_hash() -> String {
     DEFAULT_PARTITION_HASH.into()
 }
@@ -397,6 +410,16 @@ mod tests {
             .and_then(|c| c.validate())
             .expect_err("sh");
         assert!(err.to_string().contains("remote_clusters.sh"), "{err}");
+
+        let bad = SAMPLE.replace("127.0.0.1:4000", "http://tj");
+        let err = CoordinatorConfig::parse(&bad)
+            .and_then(|c| c.validate())
+            .expect_err("no port");
+        assert!(
+            err.to_string()
+                .contains("`remote_clusters.tj` has address `http://tj`"),
+            "{err}"
+        );
 
         let bad = SAMPLE.replace("lease_ttl = \"3s\"", "lease_ttl = \"3 parsecs\"");
         let err = CoordinatorConfig::parse(&bad).expect_err("bad duration");
