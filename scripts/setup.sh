@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   build-essential pkg-config    # cc for the -sys crates
   clang libclang-dev            # bindgen for RocksDB's bindings
-  protobuf-compiler             # etcd-client's gRPC code generation
+  protobuf-compiler libprotobuf-dev  # etcd-client's gRPC code generation (protoc + the well-known .proto files)
   etcd-server etcd-client       # etcd and etcdctl: cluster metadata and elections
   redis-tools                   # redis-cli and redis-benchmark: the demo's load and checks
   redis-server                  # the baseline `bench` compares the node with
