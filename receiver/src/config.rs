@@ -496,7 +496,8 @@ mod tests {
 
     #[test]
     fn validation_names_the_key() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut ReceiverConfig)>)> = vec![
+        type Change = Box<dyn Fn(&mut ReceiverConfig)>;
+        let cases: Vec<(&str, Change)> = vec![
             ("cluster.id", Box::new(|c| c.cluster.id = 0)),
             (
                 "cluster.duplication_group",

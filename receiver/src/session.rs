@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::{RecvStream, SendStream, VarInt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
@@ -177,17 +177,10 @@ impl Session {
 
     /// Checks the `Hello`, admits it past the fence, takes the inbox slot, opens the writers and
     /// sends the `Welcome`.
-    #[allow(clippy::type_complexity)]
     async fn admit(
         &mut self,
         hello: &wire::Hello,
-    ) -> Result<
-        (
-            crate::fence::Admitted,
-            Option<(tokio::sync::OwnedMutexGuard<()>, Open)>,
-        ),
-        End,
-    > {
+    ) -> Result<(crate::fence::Admitted, Option<(OwnedMutexGuard<()>, Open)>), End> {
         let ctx = self.ctx.clone();
         let refuse = |code, message: String| End::Refused(Refusal { code, message });
         if hello.version != PROTOCOL_VERSION {
@@ -472,16 +465,24 @@ impl Session {
                 Some((e.code, e.message))
             }
         };
-        if let Some((code, message)) = error {
-            let frame = Frame::Error(wire::Error {
-                code,
-                message: truncate(message, wire::MAX_MESSAGE),
-            });
-            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, self.send_frame(&frame)).await;
-        }
         // Finishing delivers what was written even after the stream is dropped, for as long as
         // the connection lives.
-        let _ = self.send.finish();
+        let Some((code, message)) = error else {
+            let _ = self.send.finish();
+            return;
+        };
+        let frame = Frame::Error(wire::Error {
+            code,
+            message: truncate(message, wire::MAX_MESSAGE),
+        });
+        let goodbye = async {
+            self.send_frame(&frame).await.ok()?;
+            self.send.finish().ok()?;
+            // Until the shipper has the Error frame: at shutdown the endpoint closes right
+            // after the sessions end, which would discard it.
+            self.send.stopped().await.ok()
+        };
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
     }
 }
 
@@ -529,13 +530,15 @@ async fn read_loop(
                     ),
                 )
             }
-            other => break End::Malformed(
-                ErrorCode::UNEXPECTED_FRAME,
-                format!(
+            other => {
+                break End::Malformed(
+                    ErrorCode::UNEXPECTED_FRAME,
+                    format!(
                     "{} is not expected from a shipper after the Welcome; send Batch or Heartbeat",
                     other.name()
                 ),
-            ),
+                )
+            }
         };
         if tx.send(work).await.is_err() {
             return;
