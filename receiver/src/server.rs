@@ -383,7 +383,7 @@ pub fn authorize(ours: &ClusterConfig, cluster: &str) -> Result<ClusterId, Strin
 async fn refuse_connection(ctx: &Context, conn: &quinn::Connection, reason: &str, message: String) {
     let code = ErrorCode::UNAUTHORIZED;
     ctx.metrics.rejected(reason);
-    tracing::warn!(peer = %conn.remote_address(), %code, %message, "connection refused");
+    tracing::warn!(peer = %conn.remote_address(), %code, reason = %message, "connection refused");
     let frame = Frame::Error(wire::Error {
         code,
         message: message.clone(),

@@ -438,30 +438,35 @@ impl Session {
                 None
             }
             End::PeerError(e) => {
-                tracing::info!(code = %e.code, message = %e.message, "shipper ended the session with an error");
+                tracing::info!(code = %e.code, reason = %e.message, "shipper ended the session with an error");
                 None
             }
             End::Refused(r) => {
                 ctx.metrics.rejected(r.code.name());
-                tracing::warn!(%peer, code = %r.code, message = %r.message, "session refused");
+                tracing::warn!(%peer, code = %r.code, reason = %r.message, "session refused");
                 Some((r.code, r.message))
             }
             End::Malformed(code, message) => {
                 if !self.welcomed {
                     ctx.metrics.rejected(code.name());
                 }
-                tracing::warn!(%peer, %code, %message, "bad frame from the shipper; session ended");
+                tracing::warn!(%peer, %code, reason = %message, "bad frame from the shipper; session ended");
                 Some((code, message))
             }
             End::Failed(code, message) => {
                 if !self.welcomed {
                     ctx.metrics.rejected(code.name());
                 }
-                tracing::error!(%peer, %code, %message, "session failed");
+                // Our own failure (the disk) needs a person; a bad batch is the shipper's.
+                if code == ErrorCode::INTERNAL {
+                    tracing::error!(%peer, %code, reason = %message, "session failed");
+                } else {
+                    tracing::warn!(%peer, %code, reason = %message, "session failed");
+                }
                 Some((code, message))
             }
             End::Stopped(e) => {
-                tracing::info!(code = %e.code, message = %e.message, "session stopped");
+                tracing::info!(code = %e.code, reason = %e.message, "session stopped");
                 Some((e.code, e.message))
             }
         };

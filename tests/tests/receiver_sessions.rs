@@ -873,6 +873,30 @@ async fn a_config_that_differs_from_the_cluster_is_refused_at_start_up() {
         "the error names the field: {err}"
     );
 
+    // While etcd is unreachable the receiver waits in `starting`, and still stops cleanly.
+    let http = loopback(free_port());
+    let mut cmd = Command::new(bin_path("receiver"));
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--etcd", &format!("http://{}", loopback(free_port()))])
+        .args(["--listen", "127.0.0.1:0", "--http-addr", &http.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut waiting = Proc::spawn("receiver", &mut cmd).expect("spawn");
+    let deadline = Instant::now() + WAIT;
+    let mut stage = serde_json::Value::Null;
+    while Instant::now() < deadline {
+        if let Ok((200, body)) = http_get(http, "/health") {
+            stage = serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default()["stage"]
+                .clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stage, "starting");
+    let status = waiting.terminate(WAIT).expect("exits after SIGTERM");
+    assert!(status.success(), "{status}");
+
     let out = Command::new(bin_path("receiver"))
         .arg("--config")
         .arg(&config)
