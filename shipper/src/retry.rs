@@ -56,11 +56,23 @@ impl Retry {
                 self.failures = 0;
                 Action::SkipBatch
             }
-            FailMode::Slow | FailMode::Skip => {
-                let exp = self.failures.saturating_sub(1).min(16);
-                Action::RetryAfter(self.base.saturating_mul(1 << exp).min(self.max))
-            }
+            FailMode::Slow | FailMode::Skip => Action::RetryAfter(self.backoff()),
         }
+    }
+
+    /// Call after a failure that no batch caused (the connection broke, the receiver could not
+    /// be found): like [`Retry::on_failure`], but FAIL_SKIP never skips a batch for it.
+    pub fn on_transport_failure(&mut self) -> Action {
+        self.failures = self.failures.saturating_add(1);
+        match self.mode {
+            FailMode::Fast => Action::Stop,
+            FailMode::Slow | FailMode::Skip => Action::RetryAfter(self.backoff()),
+        }
+    }
+
+    fn backoff(&self) -> Duration {
+        let exp = self.failures.saturating_sub(1).min(16);
+        self.base.saturating_mul(1 << exp).min(self.max)
     }
 
     /// Call after a success: the next failure starts from the shortest backoff.
@@ -102,6 +114,16 @@ mod tests {
             matches!(r.on_failure(), Action::RetryAfter(_)),
             "the next batch gets its own retries"
         );
+    }
+
+    #[test]
+    fn transport_failures_never_skip() {
+        let mut r = Retry::new(FailMode::Skip);
+        let waits: Vec<Action> = (0..20).map(|_| r.on_transport_failure()).collect();
+        assert!(waits.iter().all(|a| matches!(a, Action::RetryAfter(_))));
+        assert_eq!(waits[19], Action::RetryAfter(Duration::from_secs(10)));
+        let mut r = Retry::new(FailMode::Fast);
+        assert_eq!(r.on_transport_failure(), Action::Stop);
     }
 
     #[test]
