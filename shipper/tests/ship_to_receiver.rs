@@ -1,0 +1,412 @@
+//! The shipper (in this process) against the real `receiver` and `coordinator` binaries, a
+//! real etcd (both clusters' keys under their own prefixes), real certificates and real source
+//! partitions writing their plogs. Checks what a user would: which writes reach the target's
+//! inbox, what etcd says the confirmed decree is, what `/replica/duplication` and `/metrics`
+//! show, and that a paused dup ships nothing until it is started again.
+//!
+//! Needs the binaries: `cargo build --release --workspace --bins` (scripts/test.sh does it).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use ferry_certs::InitOptions;
+use ferry_coordinator::config::ClusterConfig;
+use ferry_coordinator::meta::dups::DupPolicy;
+use ferry_coordinator::meta::{self, DupMode, MetaStore};
+use ferry_coordinator::status::DupEvent;
+use ferry_proto::{ClusterId, Decree, DupId, Op, PartitionId, PlogRecord};
+use ferry_shipper::config::ShipperConfig;
+use ferry_shipper::http::Duplications;
+use ferry_store::plog::{list_segments, Committed, PlogReader};
+use ferry_store::{Expiry, Partition, PartitionOptions, SetCond, Source, WriteCmd};
+use ferry_tests::etcd::{http_get, Coordinator, CoordinatorSpec, Etcd};
+use ferry_tests::procs::{bin_path, free_port, loopback, Proc};
+use tokio_util::sync::CancellationToken;
+
+const SOURCE: &str = "bj";
+const TARGET: &str = "tj";
+const TABLE: &str = "users";
+const SOURCE_NODE: &str = "bj-n1";
+const TARGET_NODE: &str = "tj-n1";
+const SOURCE_PARTITIONS: u32 = 2;
+const TARGET_PARTITIONS: u32 = 3;
+const WAIT: Duration = Duration::from_secs(30);
+
+fn cluster(name: &str, id: u8) -> ClusterConfig {
+    ClusterConfig {
+        name: name.into(),
+        id,
+        duplication_group: [(SOURCE.to_string(), 1), (TARGET.to_string(), 2)]
+            .into_iter()
+            .collect(),
+        partition_hash: "crc32c".into(),
+        plog_format_version: 1,
+    }
+}
+
+struct World {
+    etcd: Etcd,
+    dir: tempfile::TempDir,
+    _coordinator: Coordinator,
+    _receiver: Proc,
+    source_meta: MetaStore,
+    partitions: Vec<Partition>,
+    shipper_http: SocketAddr,
+    shipper: tokio::task::JoinHandle<Result<()>>,
+    cancel: CancellationToken,
+}
+
+impl World {
+    async fn start() -> Result<World> {
+        let etcd = tokio::task::spawn_blocking(Etcd::start).await??;
+        let dir = tempfile::tempdir()?;
+        ferry_certs::init(&InitOptions::new(
+            dir.path().join("certs"),
+            [SOURCE, TARGET],
+        ))?;
+
+        // Target: cluster config, the table on one node, its coordinator and receiver.
+        let target_meta =
+            MetaStore::connect(&[etcd.endpoint()], TARGET, Duration::from_secs(3)).await?;
+        meta::init_or_check_cluster_config(&target_meta, &cluster(TARGET, 2)).await?;
+        target_meta
+            .create_table(
+                TABLE,
+                TARGET_PARTITIONS,
+                &[TARGET_NODE.to_string()],
+                meta::now_ms(),
+            )
+            .await?;
+        let coordinator = {
+            let etcd_ref = &etcd;
+            let spec = CoordinatorSpec {
+                cluster: TARGET.into(),
+                cluster_id: 2,
+                group: "{ bj = 1, tj = 2 }".into(),
+                remotes: vec![r#"bj = ["127.0.0.1:1"]"#.into()],
+                lease_ttl: "3s",
+            };
+            let mut c = Coordinator::start(etcd_ref, dir.path(), "tj-c1", &spec)?;
+            c.wait_stage(&["leader"], WAIT)?;
+            c
+        };
+        let receiver = start_receiver(&etcd, dir.path()).await?;
+
+        // Source: cluster config, the table on this node, real partitions.
+        let source_meta =
+            MetaStore::connect(&[etcd.endpoint()], SOURCE, Duration::from_secs(3)).await?;
+        meta::init_or_check_cluster_config(&source_meta, &cluster(SOURCE, 1)).await?;
+        source_meta
+            .create_table(
+                TABLE,
+                SOURCE_PARTITIONS,
+                &[SOURCE_NODE.to_string()],
+                meta::now_ms(),
+            )
+            .await?;
+        let mut partitions = Vec::new();
+        for p in 0..SOURCE_PARTITIONS {
+            let pdir = dir.path().join("bj-data").join(TABLE).join(p.to_string());
+            let opts = PartitionOptions::new(ClusterId::new(1).context("id")?);
+            partitions.push(Partition::open(&pdir, PartitionId(p), opts)?.0);
+        }
+
+        let shipper_http = loopback(free_port());
+        let config = ShipperConfig::parse(&format!(
+            "[cluster]\nname = \"{SOURCE}\"\nid = 1\nduplication_group = {{ bj = 1, tj = 2 }}\n\n\
+             [etcd]\nendpoints = [\"{}\"]\n\n\
+             [remote_clusters]\ntj = [\"{}\"]\n\n\
+             [shipper]\nnode = \"{SOURCE_NODE}\"\ndata_dir = \"{}\"\ncerts_dir = \"{}\"\n\
+             http_addr = \"{shipper_http}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\n\
+             progress_interval = \"200ms\"\nreconcile_interval = \"300ms\"\n\
+             duplicate_log_batch_bytes = 2048\nwindow_batches = 4\nbandwidth_mbps = 100\nrtt_ms = 5\n",
+            etcd.endpoint(),
+            coordinator.addr,
+            dir.path().join("bj-data").display(),
+            dir.path().join("certs").display(),
+        ))
+        .map_err(anyhow::Error::msg)?;
+        config.validate()?;
+        let cancel = CancellationToken::new();
+        let shipper = tokio::spawn(ferry_shipper::server::run(config, cancel.clone()));
+        Ok(World {
+            etcd,
+            dir,
+            _coordinator: coordinator,
+            _receiver: receiver,
+            source_meta,
+            partitions,
+            shipper_http,
+            shipper,
+            cancel,
+        })
+    }
+
+    async fn write(&self, p: u32, keys: std::ops::Range<u32>) -> Result<BTreeSet<String>> {
+        let mut written = BTreeSet::new();
+        for i in keys {
+            let key = format!("p{p}-key-{i:05}");
+            self.partitions[p as usize]
+                .write(WriteCmd::Set {
+                    key: key.clone().into_bytes(),
+                    value: vec![b'x'; 100],
+                    expiry: Expiry::Never,
+                    cond: SetCond::Always,
+                    get_old: false,
+                })
+                .await?;
+            written.insert(key);
+        }
+        Ok(written)
+    }
+
+    async fn add_dup(&self) -> Result<DupId> {
+        let policy = DupPolicy {
+            local_cluster: SOURCE,
+            duplication_group: vec![SOURCE, TARGET],
+            remote_clusters: vec![TARGET],
+        };
+        let (id, _) = self
+            .source_meta
+            .add_dup(TABLE, TARGET, DupMode::Incremental, &policy, meta::now_ms())
+            .await?;
+        Ok(id)
+    }
+
+    fn duplication(&self) -> Vec<ferry_shipper::status::View> {
+        http_get(self.shipper_http, "/replica/duplication")
+            .ok()
+            .and_then(|(_, b)| serde_json::from_str::<Duplications>(&b).ok())
+            .map(|d| d.duplications)
+            .unwrap_or_default()
+    }
+
+    /// Waits until every partition's row satisfies `ok`.
+    async fn wait_rows(
+        &self,
+        what: &str,
+        ok: impl Fn(&ferry_shipper::status::View) -> bool,
+    ) -> Result<Vec<ferry_shipper::status::View>> {
+        let deadline = Instant::now() + WAIT;
+        let mut rows = Vec::new();
+        while Instant::now() < deadline {
+            if self.shipper.is_finished() {
+                bail!("the shipper stopped");
+            }
+            rows = self.duplication();
+            if rows.len() == SOURCE_PARTITIONS as usize && rows.iter().all(&ok) {
+                return Ok(rows);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "{what}: not reached within {WAIT:?}; rows: {rows:#?}\nreceiver log:\n{}",
+            std::fs::read_to_string(self.dir.path().join("receiver.log")).unwrap_or_default()
+        )
+    }
+
+    /// Every key put into the target inboxes for source partition `sp`, and the decrees seen.
+    fn inbox(&self, sp: u32) -> (BTreeSet<String>, BTreeSet<u64>) {
+        let mut keys = BTreeSet::new();
+        let mut decrees = BTreeSet::new();
+        for tp in 0..TARGET_PARTITIONS {
+            let pdir = self
+                .dir
+                .path()
+                .join("tj-data")
+                .join(TABLE)
+                .join(tp.to_string());
+            let dir = ferry_store::inbox::inbox_dir(
+                &pdir,
+                Source {
+                    cluster: ClusterId::new(1).expect("valid id"),
+                    partition: PartitionId(sp),
+                },
+            );
+            for r in read_all(&dir) {
+                decrees.insert(r.decree.0);
+                for op in r.ops {
+                    if let Op::Put { key, .. } = op {
+                        keys.insert(String::from_utf8_lossy(&key).into_owned());
+                    }
+                }
+            }
+        }
+        (keys, decrees)
+    }
+}
+
+fn read_all(dir: &Path) -> Vec<PlogRecord> {
+    let Ok(Some(c)) = Committed::read(dir) else {
+        return Vec::new();
+    };
+    let Some(first) = list_segments(dir).ok().and_then(|s| s.first().cloned()) else {
+        return Vec::new();
+    };
+    PlogReader::new(dir, first.first_decree)
+        .read(c.decree, usize::MAX)
+        .unwrap_or_default()
+}
+
+async fn start_receiver(etcd: &Etcd, dir: &Path) -> Result<Proc> {
+    let (quic, http) = (loopback(free_port()), loopback(free_port()));
+    let config: PathBuf = dir.join("receiver.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\nname = \"{TARGET}\"\nid = 2\nduplication_group = {{ bj = 1, tj = 2 }}\n\n\
+             [etcd]\nendpoints = [\"{}\"]\n\n\
+             [receiver]\nnode = \"{TARGET_NODE}\"\nlisten = \"{quic}\"\nhttp_addr = \"{http}\"\n\
+             data_dir = \"{}\"\ncerts_dir = \"{}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\n\
+             bandwidth_mbps = 100\nrtt_ms = 5\nshutdown_grace = \"2s\"\n",
+            etcd.endpoint(),
+            dir.join("tj-data").display(),
+            dir.join("certs").display(),
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("receiver.log"))?;
+    let mut cmd = Command::new(bin_path("receiver"));
+    cmd.arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    let mut proc = Proc::spawn("receiver", &mut cmd)?;
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Some(status) = proc.child.try_wait()? {
+            bail!(
+                "receiver exited with {status}: {}",
+                std::fs::read_to_string(dir.join("receiver.log")).unwrap_or_default()
+            );
+        }
+        if let Ok((200, body)) = http_get(http, "/health") {
+            if body.contains(r#""stage":"serving""#) {
+                return Ok(proc);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("receiver did not report `serving` within {WAIT:?}")
+}
+
+/// An incremental dup ships exactly the writes made after it was added, from every partition,
+/// through the real receiver into the target inboxes; etcd's progress and the shipper's views
+/// agree; a pause ships nothing and shows the pending writes; start catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn incremental_dup_ships_new_writes_and_pause_holds_them() -> Result<()> {
+    let w = World::start().await?;
+    // Before the dup: never shipped.
+    let mut before = BTreeSet::new();
+    for p in 0..SOURCE_PARTITIONS {
+        before.extend(w.write(p, 0..30).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let dupid = w.add_dup().await?;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut after: Vec<BTreeSet<String>> = Vec::new();
+    for p in 0..SOURCE_PARTITIONS {
+        after.push(w.write(p, 100..200).await?);
+    }
+    let rows = w
+        .wait_rows("every partition caught up", |r| {
+            r.state == "shipping" && r.committed_decree == 130 && r.confirmed_decree == 130
+        })
+        .await?;
+    for r in &rows {
+        assert_eq!(r.pending_mutations, 0);
+        assert_eq!(r.lag_ms, 0, "caught up means no lag");
+        assert_eq!(r.dupid, dupid.0);
+        assert!(r.fencing_token.is_some_and(|t| t > 0));
+        assert!(r.receiver.is_some());
+    }
+    for p in 0..SOURCE_PARTITIONS {
+        let (keys, decrees) = w.inbox(p);
+        assert_eq!(
+            keys, after[p as usize],
+            "partition {p}: exactly the writes after the dup"
+        );
+        assert!(keys.is_disjoint(&before));
+        assert_eq!(
+            decrees,
+            (31..=130).collect::<BTreeSet<u64>>(),
+            "partition {p}: decrees after the dup's creation, gap-free"
+        );
+    }
+    // etcd's progress catches up within a progress interval.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = futures::future::join_all(
+            (0..SOURCE_PARTITIONS).map(|p| w.source_meta.progress(TABLE, dupid, PartitionId(p))),
+        )
+        .await;
+        let done = all.iter().all(|r| {
+            matches!(r, Ok(Some(p)) if p.confirmed_decree == Decree(130) && p.committed_decree == Decree(130))
+        });
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "progress in etcd: {all:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = http_get(w.shipper_http, "/metrics")?;
+    let shipped = format!(
+        r#"dup_shipped_ops_total{{table="users",dupid="{}",partition="0"}} 100"#,
+        dupid.0
+    );
+    assert!(metrics.contains(&shipped), "{metrics}");
+    assert!(metrics.contains("dup_time_lag_ms_bucket"), "{metrics}");
+    if std::env::var_os("SHOW_METRICS").is_some() {
+        eprintln!("{metrics}");
+    }
+
+    // Pause: new writes stay pending, visible in the view.
+    w.source_meta
+        .apply_dup_event(TABLE, dupid, DupEvent::Pause)
+        .await?;
+    w.wait_rows("paused", |r| r.state == "paused").await?;
+    let paused_writes = w.write(0, 500..520).await?;
+    let rows = w
+        .wait_rows("pending shown while paused", |r| {
+            r.partition != 0 || (r.pending_mutations == 20 && r.committed_decree == 150)
+        })
+        .await?;
+    let p0 = rows
+        .iter()
+        .find(|r| r.partition == 0)
+        .context("row of p0")?;
+    assert_eq!(p0.confirmed_decree, 130);
+    assert!(p0.lag_ms < 60_000, "lag is since the first unshipped write");
+    assert!(p0.plog_retained_bytes > 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        w.inbox(0).0.is_disjoint(&paused_writes),
+        "nothing ships while paused"
+    );
+
+    // Start: catches up.
+    w.source_meta
+        .apply_dup_event(TABLE, dupid, DupEvent::Start)
+        .await?;
+    w.wait_rows("caught up after start", |r| {
+        r.state == "shipping"
+            && r.pending_mutations == 0
+            && r.confirmed_decree == r.committed_decree
+    })
+    .await?;
+    let (keys, _) = w.inbox(0);
+    assert!(paused_writes.is_subset(&keys));
+
+    w.cancel.cancel();
+    tokio::time::timeout(WAIT, w.shipper).await???;
+    // Stopping resigned every election.
+    let left = w
+        .etcd
+        .get_prefix(&format!("/ferry/{SOURCE}/election/dup/"))?;
+    assert!(left.is_empty(), "elections left behind: {left:?}");
+    Ok(())
+}
