@@ -95,9 +95,11 @@ pub struct ShipperSection {
     pub duplicate_log_batch_bytes: u64,
     /// Batches in flight (sent, not yet acknowledged) per (dup, partition). Default 8.
     pub window_batches: usize,
-    /// zstd level of batches. Default 1: on typical key-value payloads it compresses within a
-    /// few percent of level 3 at about twice the speed, and the shipper must keep up with the
-    /// node's write rate on one core per few partitions.
+    /// zstd level of batches, 1..=19. Default 1. Measured on this project's 2-core dev box with
+    /// 0.8 MB batches of JSON-like values (6000 records): level 1 → 21.2 % of the raw size at
+    /// ~500 MB/s, level 3 → 21.3 % at ~380 MB/s, level 6 → 20.7 % at ~150 MB/s. Higher levels
+    /// buy almost nothing on such payloads and cost the CPU the shipper needs to keep up with
+    /// the node; raise it only for a link much slower than the disk.
     pub zstd_level: i32,
     /// How often each partition's confirmed decree is written to etcd. Default `1s`. A restart
     /// re-ships at most this much (harmless: the target applies exactly once).

@@ -90,12 +90,18 @@ pub async fn run(
         tracing::info!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, token, "leading the shipping of this partition");
         shared.board.with(&key, |e| e.fencing_token = Some(token));
         let end = term(&shared, &key, &mut dup, leadership, &cancel).await;
-        shared.metrics.leader.get_or_create(&l).set(0);
+        // `get`, not `get_or_create`: a removed dup's series were already dropped.
+        if let Some(g) = shared.metrics.leader.get(&l) {
+            g.set(0);
+        }
         match end {
             TermEnd::Cancelled => return,
             TermEnd::Lost(why) => {
                 tracing::warn!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, %why, "lost the shipping election; stopped shipping this partition");
-                shared.board.with(&key, |e| e.last_error = Some(why));
+                shared.board.with(&key, |e| {
+                    e.last_error = Some(why);
+                    e.fencing_token = None;
+                });
                 if sleep_or_cancel(&cancel, Duration::from_millis(500)).await {
                     return;
                 }
@@ -104,6 +110,7 @@ pub async fn run(
                 shared.board.with(&key, |e| {
                     e.state = State::Stopped;
                     e.last_error = Some(why);
+                    e.fencing_token = None;
                 });
                 // Wait for the operator: a new fail mode starts again; pause or remove cancels.
                 let mode = dup.borrow().fail_mode;

@@ -58,6 +58,7 @@ struct World {
     shipper_http: SocketAddr,
     shipper: tokio::task::JoinHandle<Result<()>>,
     cancel: CancellationToken,
+    coordinator_addr: SocketAddr,
 }
 
 impl World {
@@ -115,37 +116,54 @@ impl World {
             partitions.push(Partition::open(&pdir, PartitionId(p), opts)?.0);
         }
 
-        let shipper_http = loopback(free_port());
-        let config = ShipperConfig::parse(&format!(
-            "[cluster]\nname = \"{SOURCE}\"\nid = 1\nduplication_group = {{ bj = 1, tj = 2 }}\n\n\
-             [etcd]\nendpoints = [\"{}\"]\n\n\
-             [remote_clusters]\ntj = [\"{}\"]\n\n\
-             [shipper]\nnode = \"{SOURCE_NODE}\"\ndata_dir = \"{}\"\ncerts_dir = \"{}\"\n\
-             http_addr = \"{shipper_http}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\n\
-             progress_interval = \"200ms\"\nreconcile_interval = \"300ms\"\n\
-             duplicate_log_batch_bytes = 2048\nwindow_batches = 4\nbandwidth_mbps = 100\nrtt_ms = 5\n",
-            etcd.endpoint(),
-            coordinator.addr,
-            dir.path().join("bj-data").display(),
-            dir.path().join("certs").display(),
-        ))
-        .map_err(anyhow::Error::msg)?;
-        config.validate()?;
-        let cancel = CancellationToken::new();
-        let shipper = tokio::spawn(ferry_shipper::server::run(config, cancel.clone()));
-        Ok(World {
+        let coordinator_addr = coordinator.addr;
+        let mut w = World {
             etcd,
             dir,
             _coordinator: coordinator,
             _receiver: receiver,
             source_meta,
             partitions,
-            shipper_http,
-            shipper,
-            cancel,
-        })
+            shipper_http: loopback(0),
+            shipper: tokio::spawn(async { Ok(()) }),
+            cancel: CancellationToken::new(),
+            coordinator_addr,
+        };
+        let (http, handle, cancel) = w.spawn_shipper()?;
+        w.shipper_http = http;
+        w.shipper = handle;
+        w.cancel = cancel;
+        Ok(w)
     }
 
+    /// Starts a shipper for the source node (in this process) on a fresh HTTP port.
+    fn spawn_shipper(
+        &self,
+    ) -> Result<(
+        SocketAddr,
+        tokio::task::JoinHandle<Result<()>>,
+        CancellationToken,
+    )> {
+        let http = loopback(free_port());
+        let config = ShipperConfig::parse(&format!(
+            "[cluster]\nname = \"{SOURCE}\"\nid = 1\nduplication_group = {{ bj = 1, tj = 2 }}\n\n\
+             [etcd]\nendpoints = [\"{}\"]\n\n\
+             [remote_clusters]\ntj = [\"{}\"]\n\n\
+             [shipper]\nnode = \"{SOURCE_NODE}\"\ndata_dir = \"{}\"\ncerts_dir = \"{}\"\n\
+             http_addr = \"{http}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\n\
+             progress_interval = \"200ms\"\nreconcile_interval = \"300ms\"\n\
+             duplicate_log_batch_bytes = 2048\nwindow_batches = 4\nbandwidth_mbps = 100\nrtt_ms = 5\n",
+            self.etcd.endpoint(),
+            self.coordinator_addr,
+            self.dir.path().join("bj-data").display(),
+            self.dir.path().join("certs").display(),
+        ))
+        .map_err(anyhow::Error::msg)?;
+        config.validate()?;
+        let cancel = CancellationToken::new();
+        let handle = tokio::spawn(ferry_shipper::server::run(config, cancel.clone()));
+        Ok((http, handle, cancel))
+    }
     async fn write(&self, p: u32, keys: std::ops::Range<u32>) -> Result<BTreeSet<String>> {
         let mut written = BTreeSet::new();
         for i in keys {
@@ -177,36 +195,16 @@ impl World {
         Ok(id)
     }
 
-    fn duplication(&self) -> Vec<ferry_shipper::status::View> {
-        http_get(self.shipper_http, "/replica/duplication")
-            .ok()
-            .and_then(|(_, b)| serde_json::from_str::<Duplications>(&b).ok())
-            .map(|d| d.duplications)
-            .unwrap_or_default()
-    }
-
     /// Waits until every partition's row satisfies `ok`.
     async fn wait_rows(
         &self,
         what: &str,
         ok: impl Fn(&ferry_shipper::status::View) -> bool,
     ) -> Result<Vec<ferry_shipper::status::View>> {
-        let deadline = Instant::now() + WAIT;
-        let mut rows = Vec::new();
-        while Instant::now() < deadline {
-            if self.shipper.is_finished() {
-                bail!("the shipper stopped");
-            }
-            rows = self.duplication();
-            if rows.len() == SOURCE_PARTITIONS as usize && rows.iter().all(&ok) {
-                return Ok(rows);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if self.shipper.is_finished() {
+            bail!("the shipper stopped");
         }
-        bail!(
-            "{what}: not reached within {WAIT:?}; rows: {rows:#?}\nreceiver log:\n{}",
-            std::fs::read_to_string(self.dir.path().join("receiver.log")).unwrap_or_default()
-        )
+        wait_views(self.shipper_http, what, ok, &self.dir).await
     }
 
     /// Every key put into the target inboxes for source partition `sp`, and the decrees seen.
@@ -238,6 +236,37 @@ impl World {
         }
         (keys, decrees)
     }
+}
+
+/// A shipper's `/replica/duplication` rows.
+fn views(http: SocketAddr) -> Vec<ferry_shipper::status::View> {
+    http_get(http, "/replica/duplication")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str::<Duplications>(&b).ok())
+        .map(|d| d.duplications)
+        .unwrap_or_default()
+}
+
+/// Waits until a shipper shows one row per source partition, each satisfying `ok`.
+async fn wait_views(
+    http: SocketAddr,
+    what: &str,
+    ok: impl Fn(&ferry_shipper::status::View) -> bool,
+    dir: &tempfile::TempDir,
+) -> Result<Vec<ferry_shipper::status::View>> {
+    let deadline = Instant::now() + WAIT;
+    let mut rows = Vec::new();
+    while Instant::now() < deadline {
+        rows = views(http);
+        if rows.len() == SOURCE_PARTITIONS as usize && rows.iter().all(&ok) {
+            return Ok(rows);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!(
+        "{what}: not reached within {WAIT:?}; rows: {rows:#?}\nreceiver log:\n{}",
+        std::fs::read_to_string(dir.path().join("receiver.log")).unwrap_or_default()
+    )
 }
 
 fn read_all(dir: &Path) -> Vec<PlogRecord> {
@@ -408,5 +437,137 @@ async fn incremental_dup_ships_new_writes_and_pause_holds_them() -> Result<()> {
         .etcd
         .get_prefix(&format!("/ferry/{SOURCE}/election/dup/"))?;
     assert!(left.is_empty(), "elections left behind: {left:?}");
+    Ok(())
+}
+
+/// Two shippers beside one node: each partition has exactly one leader. When the leader stops,
+/// the other takes over with a larger fencing token and ships on from the confirmed decree, so
+/// the target ends with every write, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_shipper_takes_over_without_losing_writes() -> Result<()> {
+    let mut w = World::start().await?;
+    let dupid = w.add_dup().await?;
+    let mut written: Vec<BTreeSet<String>> = Vec::new();
+    for p in 0..SOURCE_PARTITIONS {
+        written.push(w.write(p, 0..50).await?);
+    }
+    let first = w
+        .wait_rows("the first shipper leads and catches up", |r| {
+            r.fencing_token.is_some() && r.pending_mutations == 0 && r.confirmed_decree == 50
+        })
+        .await?;
+    let (b_http, b_handle, b_cancel) = w.spawn_shipper()?;
+    let standby = wait_views(
+        b_http,
+        "the second shipper campaigns",
+        |r| r.state == "campaigning",
+        &w.dir,
+    )
+    .await?;
+    assert!(
+        standby.iter().all(|r| r.fencing_token.is_none()),
+        "one leader per partition"
+    );
+
+    // The first shipper stops (resigning); the second leads and ships what comes next.
+    w.cancel.cancel();
+    tokio::time::timeout(WAIT, &mut w.shipper).await???;
+    for p in 0..SOURCE_PARTITIONS {
+        written[p as usize].extend(w.write(p, 50..80).await?);
+    }
+    let taken = wait_views(
+        b_http,
+        "the second shipper catches up",
+        |r| r.state == "shipping" && r.confirmed_decree == 80 && r.pending_mutations == 0,
+        &w.dir,
+    )
+    .await?;
+    for r in &taken {
+        let old = first
+            .iter()
+            .find(|f| f.partition == r.partition)
+            .and_then(|f| f.fencing_token);
+        assert!(
+            r.fencing_token > old,
+            "the new leader's token is larger: {r:?}"
+        );
+    }
+    for p in 0..SOURCE_PARTITIONS {
+        let (keys, decrees) = w.inbox(p);
+        assert_eq!(
+            keys, written[p as usize],
+            "partition {p}: every write, none lost"
+        );
+        assert_eq!(decrees, (1..=80).collect::<BTreeSet<u64>>());
+    }
+    let _ = dupid;
+    b_cancel.cancel();
+    tokio::time::timeout(WAIT, b_handle).await???;
+    Ok(())
+}
+
+/// A dup whose target table does not exist: FAIL_SLOW keeps retrying and says why; after
+/// `set-fail-mode FAIL_FAST` the partition stops, with the same reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_missing_target_table_is_retried_then_stops_under_fail_fast() -> Result<()> {
+    let w = World::start().await?;
+    w.source_meta
+        .create_table(
+            "orders",
+            SOURCE_PARTITIONS,
+            &[SOURCE_NODE.to_string()],
+            meta::now_ms(),
+        )
+        .await?;
+    for p in 0..SOURCE_PARTITIONS {
+        let pdir = w
+            .dir
+            .path()
+            .join("bj-data")
+            .join("orders")
+            .join(p.to_string());
+        let opts = PartitionOptions::new(ClusterId::new(1).context("id")?);
+        drop(Partition::open(&pdir, PartitionId(p), opts)?);
+    }
+    let policy = DupPolicy {
+        local_cluster: SOURCE,
+        duplication_group: vec![SOURCE, TARGET],
+        remote_clusters: vec![TARGET],
+    };
+    let (dupid, _) = w
+        .source_meta
+        .add_dup(
+            "orders",
+            TARGET,
+            DupMode::Incremental,
+            &policy,
+            meta::now_ms(),
+        )
+        .await?;
+    let rows = w
+        .wait_rows("retrying with the reason", |r| {
+            r.state == "retrying"
+                && r.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("orders"))
+        })
+        .await?;
+    assert!(rows.iter().all(|r| r.fail_mode == "FAIL_SLOW"));
+    let reason = rows[0].last_error.clone().unwrap_or_default();
+    assert!(reason.contains("tj"), "names the remote cluster: {reason}");
+    w.source_meta
+        .set_fail_mode("orders", dupid, ferry_coordinator::status::FailMode::Fast)
+        .await?;
+    let rows = w
+        .wait_rows("stopped by FAIL_FAST", |r| r.state == "stopped")
+        .await?;
+    for r in &rows {
+        let e = r.last_error.as_deref().unwrap_or_default();
+        assert!(e.starts_with("FAIL_FAST") && e.contains("orders"), "{e}");
+        assert!(
+            r.fencing_token.is_none(),
+            "a stopped partition holds no election"
+        );
+    }
     Ok(())
 }
