@@ -63,6 +63,22 @@ struct World {
 
 impl World {
     async fn start() -> Result<World> {
+        let mut w = World::without_shipper(64 << 20).await?;
+        w.start_shipper()?;
+        Ok(w)
+    }
+
+    /// Replaces the (not yet started) shipper with a running one.
+    fn start_shipper(&mut self) -> Result<()> {
+        let (http, handle, cancel) = self.spawn_shipper()?;
+        self.shipper_http = http;
+        self.shipper = handle;
+        self.cancel = cancel;
+        Ok(())
+    }
+
+    /// Everything but the shipper; source plog segments roll over at `segment_bytes`.
+    async fn without_shipper(segment_bytes: u64) -> Result<World> {
         let etcd = tokio::task::spawn_blocking(Etcd::start).await??;
         let dir = tempfile::tempdir()?;
         ferry_certs::init(&InitOptions::new(
@@ -112,12 +128,13 @@ impl World {
         let mut partitions = Vec::new();
         for p in 0..SOURCE_PARTITIONS {
             let pdir = dir.path().join("bj-data").join(TABLE).join(p.to_string());
-            let opts = PartitionOptions::new(ClusterId::new(1).context("id")?);
+            let mut opts = PartitionOptions::new(ClusterId::new(1).context("id")?);
+            opts.plog_segment_bytes = segment_bytes;
             partitions.push(Partition::open(&pdir, PartitionId(p), opts)?.0);
         }
 
         let coordinator_addr = coordinator.addr;
-        let mut w = World {
+        Ok(World {
             etcd,
             dir,
             _coordinator: coordinator,
@@ -128,12 +145,7 @@ impl World {
             shipper: tokio::spawn(async { Ok(()) }),
             cancel: CancellationToken::new(),
             coordinator_addr,
-        };
-        let (http, handle, cancel) = w.spawn_shipper()?;
-        w.shipper_http = http;
-        w.shipper = handle;
-        w.cancel = cancel;
-        Ok(w)
+        })
     }
 
     /// Starts a shipper for the source node (in this process) on a fresh HTTP port.
@@ -569,5 +581,66 @@ async fn a_missing_target_table_is_retried_then_stops_under_fail_fast() -> Resul
             "a stopped partition holds no election"
         );
     }
+    Ok(())
+}
+
+/// The records after a partition's confirmed decree were garbage-collected: that partition
+/// stops with a clear "no longer available, full duplication needed" error, and the others ship
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> {
+    let mut w = World::without_shipper(4096).await?;
+    let dupid = w.add_dup().await?;
+    for p in 0..SOURCE_PARTITIONS {
+        w.write(p, 0..200).await?;
+    }
+    // Partition 0 was confirmed up to 5 once, then its plog below 150 was removed.
+    w.source_meta
+        .advance_progress(
+            TABLE,
+            dupid,
+            PartitionId(0),
+            &ferry_coordinator::meta::Progress {
+                confirmed_decree: Decree(5),
+                last_confirmed_timestamp_ms: 0,
+                committed_decree: Decree(5),
+                updated_at_ms: 0,
+                extra: Default::default(),
+            },
+        )
+        .await?;
+    let plog0 = w
+        .dir
+        .path()
+        .join("bj-data")
+        .join(TABLE)
+        .join("0")
+        .join("plog");
+    let removed = ferry_store::plog::remove_segments_below(&plog0, Decree(150))?;
+    assert!(!removed.is_empty());
+    w.start_shipper()?;
+    let rows = w
+        .wait_rows("p0 stopped, p1 caught up", |r| {
+            if r.partition == 0 {
+                r.state == "stopped"
+            } else {
+                r.confirmed_decree == 200 && r.pending_mutations == 0
+            }
+        })
+        .await?;
+    let p0 = rows
+        .iter()
+        .find(|r| r.partition == 0)
+        .context("row of p0")?;
+    let e = p0.last_error.as_deref().unwrap_or_default();
+    assert!(e.contains("start decree 6 is no longer"), "{e}");
+    assert!(e.contains("full duplication"), "{e}");
+    assert_eq!(p0.confirmed_decree, 5);
+    assert_eq!(p0.pending_mutations, 195);
+    assert!(
+        w.inbox(0).1.is_empty(),
+        "nothing of partition 0 was shipped"
+    );
+    assert_eq!(w.inbox(1).1, (1..=200).collect::<BTreeSet<u64>>());
     Ok(())
 }
