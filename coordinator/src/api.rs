@@ -7,6 +7,7 @@
 //! | GET | `/v1/tables` | | `[`[`TableView`]`]` |
 //! | POST | `/v1/tables` | [`CreateTable`] | [`TableDetail`] |
 //! | GET | `/v1/tables/{table}` | | [`TableDetail`] |
+//! | GET | `/v1/tables/{table}/receivers` | | [`TableReceivers`] (asked by remote shippers) |
 //! | DELETE | `/v1/tables/{table}` | | [`TableView`] |
 //! | PUT | `/v1/tables/{table}/state` | [`SetTableState`] | [`TableView`] |
 //! | GET | `/v1/tables/{table}/dups` | | `[`[`DupView`]`]` |
@@ -27,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use ferry_proto::DupId;
 
 use crate::meta::tables::TableDescription;
-use crate::meta::{DupInfo, NodeInfo, TableInfo};
+use crate::meta::{DupInfo, NodeInfo, TableInfo, TableState};
 
 /// `POST /v1/tables`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +75,31 @@ pub struct TableView {
 
 /// A table with its partitions.
 pub type TableDetail = TableDescription;
+
+/// `GET /v1/tables/{table}/receivers`: which receiver takes each partition of a table. A
+/// shipper of another cluster asks this before it connects, and again after a failure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableReceivers {
+    /// The table.
+    pub table: String,
+    /// Its partition count.
+    pub partition_count: u32,
+    /// Its state.
+    pub state: TableState,
+    /// One entry per partition, in order.
+    pub partitions: Vec<PartitionReceiver>,
+}
+
+/// One partition in [`TableReceivers`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionReceiver {
+    /// The partition.
+    pub partition: u32,
+    /// The node hosting it, if placed.
+    pub node: Option<String>,
+    /// That node's receiver address, if a receiver is registered for it.
+    pub receiver_addr: Option<String>,
+}
 
 /// A dup, with its id and table.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -62,6 +62,14 @@ impl AdminClient {
         Ok(AdminClient { bases, http })
     }
 
+    /// Which receiver takes each partition of `table` (the remote cluster's answer).
+    pub async fn table_receivers(
+        &self,
+        table: &str,
+    ) -> Result<crate::api::TableReceivers, ClientError> {
+        self.get(&format!("/v1/tables/{table}/receivers")).await
+    }
+
     /// GET `path`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.call(reqwest::Method::GET, path, None::<&()>).await

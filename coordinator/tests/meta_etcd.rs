@@ -241,6 +241,8 @@ async fn progress_only_moves_forward_and_dies_with_the_dup() -> R {
     let at = |d: u64| Progress {
         confirmed_decree: Decree(d),
         last_confirmed_timestamp_ms: d * 10,
+        committed_decree: Decree(d + 5),
+        updated_at_ms: 7,
         extra: Default::default(),
     };
     meta.advance_progress("users", dupid, p, &at(10)).await?;
@@ -249,7 +251,9 @@ async fn progress_only_moves_forward_and_dies_with_the_dup() -> R {
     assert_eq!(
         etcd.get(&format!("/ferry/bj/dups/users/{dupid}/progress/1"))?
             .as_deref(),
-        Some(r#"{"confirmed_decree":10,"last_confirmed_timestamp_ms":100}"#)
+        Some(
+            r#"{"confirmed_decree":10,"last_confirmed_timestamp_ms":100,"committed_decree":15,"updated_at_ms":7}"#
+        )
     );
     meta.remove_dup("users", dupid).await?;
     assert!(etcd

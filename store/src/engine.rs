@@ -22,6 +22,9 @@ const META_APPLIED: &[u8] = b"mapplied_decree";
 const META_CLOCK: &[u8] = b"mclock_us";
 const META_DUP_PREFIX: &[u8] = b"mdup/";
 
+/// A user key and its stored value bytes.
+pub type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// Where a duplicated write came from: progress is kept per source partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Source {
@@ -103,7 +106,7 @@ impl Engine {
     pub fn scan_from(
         &self,
         after: Option<&[u8]>,
-    ) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), StoreError>> + '_ {
+    ) -> impl Iterator<Item = Result<KeyValue, StoreError>> + '_ {
         let start = match after {
             Some(k) => {
                 let mut s = data_key(k);

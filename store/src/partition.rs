@@ -622,11 +622,21 @@ impl Writer {
                     .fetch_add(pending.len() as u64, Ordering::Relaxed);
                 tracing::error!(partition = self.id.0, error = %e, "group commit failed");
                 let msg = e.to_string();
+                // Every waiter gets its own error; the OS error code is kept, so a full disk
+                // is still recognised as one (`StoreError::is_disk_full`).
+                let os = match &e {
+                    StoreError::Io { source, .. } => source.raw_os_error(),
+                    _ => None,
+                };
                 for (reply, _) in pending {
+                    let source = match os {
+                        Some(code) => std::io::Error::from_raw_os_error(code),
+                        None => std::io::Error::other(msg.clone()),
+                    };
                     let _ = reply.send(Err(StoreError::Io {
                         action: "commit write",
                         path: self.plog.current_segment().to_path_buf(),
-                        source: std::io::Error::other(msg.clone()),
+                        source,
                     }));
                 }
                 return;

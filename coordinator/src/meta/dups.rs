@@ -260,7 +260,8 @@ impl MetaStore {
     }
 
     /// Advances a dup's confirmed decree on one partition. The decree never goes backwards (an
-    /// older value is ignored), and the write fails if the dup was removed meanwhile.
+    /// older value is ignored); at an equal decree the other fields (committed decree, time)
+    /// are refreshed. The write fails if the dup was removed meanwhile.
     pub async fn advance_progress(
         &self,
         table: &str,
@@ -275,7 +276,7 @@ impl MetaStore {
             let old = self.get(key.clone()).await?;
             if let Some(kv) = &old {
                 let stored: Progress = decode(kv)?;
-                if stored.confirmed_decree >= progress.confirmed_decree {
+                if stored.confirmed_decree > progress.confirmed_decree || stored == *progress {
                     return Ok(stored);
                 }
             }

@@ -104,6 +104,22 @@ impl Keys {
         format!("{}election/coordinator", self.root)
     }
 
+    /// Prefix of the receiver registry.
+    pub fn receivers(&self) -> String {
+        format!("{}receivers/", self.root)
+    }
+
+    /// The receiver beside one node.
+    pub fn receiver(&self, node: &str) -> String {
+        format!("{}receivers/{node}", self.root)
+    }
+
+    /// The shipping election of one (dup, partition); its leader's create revision is the
+    /// fencing token the receiver checks.
+    pub fn shipper_election(&self, table: &str, dupid: DupId, p: PartitionId) -> String {
+        format!("{}election/dup/{table}/{dupid}/{p}", self.root)
+    }
+
     /// The last dupid handed out.
     pub fn dupid_seq(&self) -> String {
         format!("{}seq/dupid", self.root)

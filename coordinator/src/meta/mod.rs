@@ -30,7 +30,10 @@ use ferry_proto::DupId;
 use crate::status::{DupEvent, DupStatus};
 
 pub use cluster_config::{check_cluster_config, init_or_check_cluster_config};
-pub use registry::{list_nodes, register_node, NodeInfo, Registration};
+pub use registry::{
+    list_nodes, list_receivers, register_node, register_receiver, NodeInfo, ReceiverInfo,
+    Registration,
+};
 pub use types::{DupInfo, DupMode, PartitionEntry, Progress, TableInfo, TableState};
 
 /// How many times a compare-and-swap is retried after losing a race before giving up.

@@ -65,6 +65,66 @@ impl NodeInfo {
     }
 }
 
+/// `receivers/<node>`: how shippers of other clusters reach the receiver beside a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReceiverInfo {
+    /// The node the receiver writes for (its data dir is that node's).
+    pub node: String,
+    /// The receiver's QUIC address, as shippers in other datacenters dial it.
+    pub addr: String,
+    /// When this registration was made, ms since the Unix epoch.
+    pub registered_at_ms: u64,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, serde_json::Value>,
+}
+
+impl ReceiverInfo {
+    pub fn new(node: &str, addr: &str) -> ReceiverInfo {
+        ReceiverInfo {
+            node: node.into(),
+            addr: addr.into(),
+            registered_at_ms: now_ms(),
+            extra: Map::new(),
+        }
+    }
+}
+
+/// Something registered under a lease: its key, and its value re-stamped on every
+/// re-registration.
+pub trait Registrable: Serialize + Send + Sync + 'static {
+    /// The name it is registered under (validated, and used in logs).
+    fn name(&self) -> &str;
+    /// Its key.
+    fn key(&self, keys: &Keys) -> String;
+    /// Stamps the registration time.
+    fn touch(&mut self);
+}
+
+impl Registrable for NodeInfo {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn key(&self, keys: &Keys) -> String {
+        keys.node(&self.name)
+    }
+    fn touch(&mut self) {
+        self.registered_at_ms = now_ms();
+    }
+}
+
+impl Registrable for ReceiverInfo {
+    fn name(&self) -> &str {
+        &self.node
+    }
+    fn key(&self, keys: &Keys) -> String {
+        keys.receiver(&self.node)
+    }
+    fn touch(&mut self) {
+        self.registered_at_ms = now_ms();
+    }
+}
+
 /// A live registration. Dropping it stops the renewals (the key disappears within the TTL);
 /// [`Registration::deregister`] removes the key at once.
 pub struct Registration {
@@ -106,10 +166,28 @@ pub async fn register_node(
     info: NodeInfo,
     ttl: Duration,
 ) -> Result<Registration, MetaError> {
-    if !valid_name(&info.name) {
+    register(meta, info, ttl).await
+}
+
+/// Registers a receiver under `receivers/<node>` with a lease of `ttl`, kept alive like
+/// [`register_node`]'s.
+pub async fn register_receiver(
+    meta: &MetaStore,
+    info: ReceiverInfo,
+    ttl: Duration,
+) -> Result<Registration, MetaError> {
+    register(meta, info, ttl).await
+}
+
+async fn register<T: Registrable>(
+    meta: &MetaStore,
+    info: T,
+    ttl: Duration,
+) -> Result<Registration, MetaError> {
+    if !valid_name(info.name()) {
         return Err(MetaError::Invalid(format!(
             "node name `{}` is not valid; use 1 to 64 letters, digits, `.`, `-` or `_`",
-            info.name
+            info.name()
         )));
     }
     let lease = put_under_new_lease(meta, &info, ttl).await?;
@@ -134,6 +212,18 @@ pub async fn register_node(
 /// Every registered node, sorted by name.
 pub async fn list_nodes(meta: &MetaStore) -> Result<Vec<NodeInfo>, MetaError> {
     let prefix = meta.keys().nodes();
+    let mut out = Vec::new();
+    for kv in meta.get_prefix(prefix.clone()).await? {
+        if Keys::leaf(kv.key(), &prefix).is_some() {
+            out.push(decode(&kv)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Every registered receiver, sorted by node name.
+pub async fn list_receivers(meta: &MetaStore) -> Result<Vec<ReceiverInfo>, MetaError> {
+    let prefix = meta.keys().receivers();
     let mut out = Vec::new();
     for kv in meta.get_prefix(prefix.clone()).await? {
         if Keys::leaf(kv.key(), &prefix).is_some() {
@@ -205,23 +295,23 @@ pub async fn keep_lease_alive(
     }
 }
 
-async fn put_under_new_lease(
+async fn put_under_new_lease<T: Registrable>(
     meta: &MetaStore,
-    info: &NodeInfo,
+    info: &T,
     ttl: Duration,
 ) -> Result<i64, MetaError> {
     let lease = meta.grant_lease(ttl).await?;
     let mut kv = meta.client().kv_client();
     let opts = etcd_client::PutOptions::new().with_lease(lease);
-    meta.deadline(kv.put(meta.keys().node(&info.name), encode(info), Some(opts)))
+    meta.deadline(kv.put(info.key(meta.keys()), encode(info), Some(opts)))
         .await?;
     Ok(lease)
 }
 
 /// The registration task: keep the lease alive; if it is lost, register again.
-async fn keep_registered(
+async fn keep_registered<T: Registrable>(
     meta: MetaStore,
-    mut info: NodeInfo,
+    mut info: T,
     ttl: Duration,
     mut lease: i64,
     tx: watch::Sender<Option<i64>>,
@@ -233,21 +323,21 @@ async fn keep_registered(
         match keep_lease_alive(&meta, lease, ttl, &cancel).await {
             LeaseEnd::Cancelled => return,
             LeaseEnd::Lost(why) => {
-                tracing::warn!(node = %info.name, %why, "registration lost; registering again");
+                tracing::warn!(name = %info.name(), %why, "registration lost; registering again");
                 let _ = tx.send(None);
             }
         }
         loop {
-            info.registered_at_ms = now_ms();
+            info.touch();
             match put_under_new_lease(&meta, &info, ttl).await {
                 Ok(id) => {
                     lease = id;
                     let _ = tx.send(Some(id));
-                    tracing::info!(node = %info.name, lease = id, "registered again");
+                    tracing::info!(name = %info.name(), lease = id, "registered again");
                     backoff = Duration::from_millis(200);
                     break;
                 }
-                Err(e) => tracing::debug!(node = %info.name, error = %e, "register failed"),
+                Err(e) => tracing::debug!(name = %info.name(), error = %e, "register failed"),
             }
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -87,6 +87,13 @@ pub struct Progress {
     pub confirmed_decree: Decree,
     /// The write timestamp of that decree, ms since the Unix epoch (0 if none yet).
     pub last_confirmed_timestamp_ms: u64,
+    /// The source partition's last committed decree when this was written; `committed_decree -
+    /// confirmed_decree` is the pending mutations. 0 when not known.
+    #[serde(default)]
+    pub committed_decree: Decree,
+    /// When the shipper wrote this, ms since the Unix epoch (0 when not known).
+    #[serde(default)]
+    pub updated_at_ms: u64,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,

@@ -22,7 +22,8 @@ use ferry_proto::DupId;
 use super::{election, Shared};
 use crate::api::{
     AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, HealthView, PegasusAppDuplication,
-    PegasusDup, SetFailMode, SetTableState, StatusView, TableDetail, TableView,
+    PartitionReceiver, PegasusDup, SetFailMode, SetTableState, StatusView, TableDetail, TableReceivers,
+    TableView,
 };
 use crate::meta::dups::DupPolicy;
 use crate::meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore, TableState};
@@ -57,6 +58,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tables", get(list_tables).post(create_table))
         .route("/v1/tables/{table}", get(describe_table).delete(drop_table))
         .route("/v1/tables/{table}/state", put(set_table_state))
+        .route("/v1/tables/{table}/receivers", get(table_receivers))
         .route("/v1/tables/{table}/dups", get(list_dups).post(add_dup))
         .route(
             "/v1/tables/{table}/dups/{dupid}",
@@ -328,6 +330,40 @@ async fn describe_table(
     Path(table): Path<String>,
 ) -> ApiResult<TableDetail> {
     Ok(Json(leader(&shared)?.describe_table(&table).await?))
+}
+
+async fn table_receivers(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+) -> ApiResult<TableReceivers> {
+    let meta = leader(&shared)?;
+    let desc = meta.describe_table(&table).await?;
+    let receivers = crate::meta::list_receivers(&meta).await?;
+    let partitions = desc
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(p, entry)| {
+            let node = entry.as_ref().and_then(|e| e.node.clone());
+            let receiver_addr = node.as_ref().and_then(|n| {
+                receivers
+                    .iter()
+                    .find(|r| &r.node == n)
+                    .map(|r| r.addr.clone())
+            });
+            PartitionReceiver {
+                partition: p as u32,
+                node,
+                receiver_addr,
+            }
+        })
+        .collect();
+    Ok(Json(TableReceivers {
+        table,
+        partition_count: desc.info.partition_count,
+        state: desc.info.state,
+        partitions,
+    }))
 }
 
 async fn drop_table(

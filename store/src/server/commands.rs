@@ -666,6 +666,9 @@ pub fn execute(node: &Node, cmd: Command) -> Frame {
 /// `start_write` calls is the order the partitions see (and pipelined writes to one key apply
 /// in order). The future resolves to the reply once the write is durable and applied.
 pub fn start_write(node: &Node, cmd: Command) -> BoxFuture<'static, Frame> {
+    if let Some(refused) = node.write_block() {
+        return Box::pin(future::ready(error(refused)));
+    }
     let table = &node.table;
     match cmd {
         Command::Set(s) => {

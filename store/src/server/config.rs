@@ -53,6 +53,30 @@ pub struct NodeConfig {
     /// cut, e.g. `"10s"`. Default 10s.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// etcd client URLs of this cluster. Empty (the default): a standalone node, outside any
+    /// cluster. Set: the node checks its config against the cluster's, registers, and waits
+    /// for its table to be placed on it before it opens the client port.
+    pub etcd_endpoints: Vec<String>,
+    /// This node's name in the registry. Default `<cluster>-<resp port>`.
+    pub node_name: Option<String>,
+    /// Every cluster that may take part in duplication, by name, with its id; must equal the
+    /// coordinator's `cluster.duplication_group`. Default empty.
+    pub duplication_group: std::collections::BTreeMap<String, u8>,
+    /// TTL of the registration lease: a dead node leaves the registry within it. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// Deadline of one etcd request. Default `3s`.
+    #[serde(with = "humantime_serde")]
+    pub etcd_timeout: Duration,
+    /// How often each partition looks for new duplicated writes in its inbox. Default `2ms`.
+    #[serde(with = "humantime_serde")]
+    pub inbox_apply_interval: Duration,
+    /// How often plog segments that every duplication confirmed are deleted. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub plog_gc_interval: Duration,
+    /// Records kept in the plog before the committed decree even when nothing holds them.
+    /// Default 0.
+    pub plog_retain_decrees: u64,
 }
 
 impl Default for NodeConfig {
@@ -73,6 +97,14 @@ impl Default for NodeConfig {
             tombstone_retention: partition.tombstone_retention,
             max_group_writes: partition.max_group_writes,
             shutdown_grace: Duration::from_secs(10),
+            etcd_endpoints: Vec::new(),
+            node_name: None,
+            duplication_group: Default::default(),
+            lease_ttl: Duration::from_secs(5),
+            etcd_timeout: Duration::from_secs(3),
+            inbox_apply_interval: Duration::from_millis(2),
+            plog_gc_interval: Duration::from_secs(10),
+            plog_retain_decrees: 0,
         }
     }
 }
@@ -124,6 +156,15 @@ pub struct NodeArgs {
     /// How long shutdown waits for in-flight commands, e.g. 10s.
     #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration)]
     pub shutdown_grace: Option<Duration>,
+    /// etcd client URLs, comma-separated; joins the cluster.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Option<Vec<String>>,
+    /// This node's name in the registry.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Registration lease TTL, e.g. 5s.
+    #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration)]
+    pub lease_ttl: Option<Duration>,
 }
 
 /// Why a config could not be loaded. Each message names the file or the key.
@@ -203,14 +244,28 @@ impl NodeConfig {
             max_group_writes,
             shutdown_grace
         );
+        set!(lease_ttl);
         if args.cluster_id.is_some() {
             self.cluster_id = args.cluster_id;
+        }
+        if let Some(e) = &args.etcd {
+            self.etcd_endpoints = e.clone();
+        }
+        if args.node_name.is_some() {
+            self.node_name = args.node_name.clone();
         }
     }
 
     /// Checks every key; the first problem found is returned, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.partition_options().map(|_| ())
+    }
+
+    /// This node's name in the registry.
+    pub fn node_name(&self) -> String {
+        self.node_name
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", self.cluster, self.resp_addr.port()))
     }
 
     /// The options every partition of the table is opened with. Validates the config first.
@@ -262,6 +317,24 @@ impl NodeConfig {
         }
         if self.max_group_writes == 0 {
             return invalid("max_group_writes", "must be at least 1".into());
+        }
+        if !self.etcd_endpoints.is_empty() {
+            check_name("node_name", &self.node_name())?;
+            if self.resp_addr.port() == 0 {
+                return invalid(
+                    "resp_addr",
+                    "has port 0, which cannot be registered; choose a port when `etcd_endpoints` is set".into(),
+                );
+            }
+            if self.lease_ttl < Duration::from_secs(1) {
+                return invalid("lease_ttl", "must be at least 1s".into());
+            }
+        }
+        if self.inbox_apply_interval.is_zero() {
+            return invalid("inbox_apply_interval", "must be more than 0".into());
+        }
+        if self.plog_gc_interval.is_zero() {
+            return invalid("plog_gc_interval", "must be more than 0".into());
         }
         let mut opts = PartitionOptions::new(cluster);
         opts.plog_segment_bytes = self.plog_segment_bytes;

@@ -10,13 +10,14 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 
-use crate::server::{Node, StageCell};
+use crate::server::{Node, NodeConfig, StageCell};
 
-/// What the HTTP handlers read.
+/// What the HTTP handlers read. The node is there once its table is open.
 #[derive(Clone)]
 pub struct HttpState {
-    pub node: Arc<Node>,
+    pub node: Arc<std::sync::OnceLock<Arc<Node>>>,
     pub stage: Arc<StageCell>,
+    pub config: Arc<NodeConfig>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -33,25 +34,34 @@ pub struct Health {
     pub stage: &'static str,
     pub cluster: String,
     pub cluster_id: u8,
+    pub node: String,
     pub table: String,
     pub partitions: u32,
     pub connections: i64,
+    /// Why writes are refused now (the table is `read_only` or `demoted`), if they are.
+    pub writes_refused: Option<String>,
 }
 
 async fn health(State(s): State<HttpState>) -> Json<Health> {
-    let node = &s.node;
+    let config = &s.config;
+    let node = s.node.get();
     Json(Health {
         stage: s.stage.get().as_str(),
-        cluster: node.config.cluster.clone(),
-        cluster_id: node.config.cluster_id.unwrap_or(0),
-        table: node.table.name().to_string(),
-        partitions: node.table.partition_count(),
-        connections: node.metrics.connections(),
+        cluster: config.cluster.clone(),
+        cluster_id: config.cluster_id.unwrap_or(0),
+        node: config.node_name(),
+        table: config.table.clone(),
+        partitions: config.partitions,
+        connections: node.map_or(0, |n| n.metrics.connections()),
+        writes_refused: node.and_then(|n| n.write_block()),
     })
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
-    let body = s.node.metrics.encode(&s.node.table);
+    let body = match s.node.get() {
+        Some(node) => node.metrics.encode(&node.table),
+        None => String::from("# EOF\n"),
+    };
     (
         [(
             header::CONTENT_TYPE,

@@ -1,11 +1,14 @@
 //! The `node` process: serves one table over RESP, with an HTTP port for health and metrics.
 //!
-//! Start-up, in order (each step observable in the log):
+//! Start-up, in order (each step observable in the log and on `/health`):
 //! 1. validate the config;
-//! 2. open the table's partitions, replaying their plogs (torn tails are cut and reported, a
+//! 2. open the HTTP port (`/health` reports the stage from here on);
+//! 3. in a cluster (`etcd_endpoints` set): connect to etcd, check the config against the stored
+//!    one, register under a lease, wait until the table is placed on this node ([`cluster`]);
+//! 4. open the table's partitions, replaying their plogs (torn tails are cut and reported, a
 //!    corrupt plog stops the start with an error naming the file and offset);
-//! 3. open the HTTP port (`/health` says `opening` until the next step is done);
-//! 4. open the RESP client port, last, and log "node ready".
+//! 5. start the inbox appliers, the table-state watch and the plog GC;
+//! 6. open the RESP client port, last, and log "node ready".
 //!
 //! Shutdown (SIGTERM or SIGINT): stop accepting, let connections finish the commands they have
 //! started (bounded by `shutdown_grace`), close the HTTP port, then drop the table so every
@@ -17,9 +20,11 @@
 //! - [`scan`]: SCAN cursors and glob patterns.
 //! - [`http`], [`metrics`]: `/health` and `/metrics`.
 
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod http;
+pub mod inbox_apply;
 pub mod metrics;
 pub mod resp;
 pub mod scan;
@@ -48,6 +53,9 @@ pub struct Node {
     pub started: Instant,
     /// The RESP address actually bound (the port may have been 0 in the config).
     pub resp_addr: SocketAddr,
+    /// Set while the table refuses writes (`read_only`, `demoted`): the error to answer with.
+    write_block: parking_lot::RwLock<Option<String>>,
+    write_blocked: std::sync::atomic::AtomicBool,
 }
 
 impl Node {
@@ -61,7 +69,24 @@ impl Node {
             metrics: Metrics::default(),
             started: Instant::now(),
             resp_addr,
+            write_block: parking_lot::RwLock::new(None),
+            write_blocked: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Refuses writes with `error` (a RESP error line, e.g. `TRYAGAIN ...`), or accepts them
+    /// again with `None`.
+    pub fn set_write_block(&self, error: Option<String>) {
+        self.write_blocked.store(error.is_some(), Ordering::Release);
+        *self.write_block.write() = error;
+    }
+
+    /// The error a write gets now, if writes are refused.
+    pub fn write_block(&self) -> Option<String> {
+        if !self.write_blocked.load(Ordering::Acquire) {
+            return None;
+        }
+        self.write_block.read().clone()
     }
 }
 
@@ -69,9 +94,18 @@ impl Node {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Stage {
+    /// Opening the partitions (replaying plogs).
     Opening = 0,
     Serving = 1,
     Stopping = 2,
+    /// In a cluster: connecting to etcd.
+    ConnectingEtcd = 3,
+    /// In a cluster: comparing the config with the stored one.
+    CheckingConfig = 4,
+    /// In a cluster: registering under a lease.
+    Registering = 5,
+    /// In a cluster: waiting for the table to be created and placed on this node.
+    WaitingForTable = 6,
 }
 
 impl Stage {
@@ -80,6 +114,10 @@ impl Stage {
             Stage::Opening => "opening",
             Stage::Serving => "serving",
             Stage::Stopping => "stopping",
+            Stage::ConnectingEtcd => "connecting_etcd",
+            Stage::CheckingConfig => "checking_config",
+            Stage::Registering => "registering",
+            Stage::WaitingForTable => "waiting_for_table",
         }
     }
 }
@@ -93,6 +131,10 @@ impl StageCell {
         match self.0.load(Ordering::Acquire) {
             0 => Stage::Opening,
             1 => Stage::Serving,
+            3 => Stage::ConnectingEtcd,
+            4 => Stage::CheckingConfig,
+            5 => Stage::Registering,
+            6 => Stage::WaitingForTable,
             _ => Stage::Stopping,
         }
     }
@@ -119,7 +161,43 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
 
     check_partition_count(&config)?;
 
-    // 1. The table. Opening replays plogs: blocking work, off the runtime threads.
+    // 1. The HTTP port first, so `/health` shows every stage that follows.
+    let http_listener = TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|e| listen_error("HTTP", "--http-addr", config.http_addr, &e))?;
+    let http_addr = http_listener
+        .local_addr()
+        .context("read the HTTP port's address")?;
+    let slot = Arc::new(std::sync::OnceLock::new());
+    let http_stop = CancellationToken::new();
+    // Stops the HTTP server on every early return below.
+    let _http_guard = http_stop.clone().drop_guard();
+    let http = {
+        let router = http::router(http::HttpState {
+            node: slot.clone(),
+            stage: stage.clone(),
+            config: Arc::new(config.clone()),
+        });
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    };
+
+    // 2. In a cluster: check the config, register, wait for the table's placement.
+    let member = if config.etcd_endpoints.is_empty() {
+        None
+    } else {
+        match cluster::join(&config, http_addr, &stage, &shutdown).await? {
+            Some(m) => Some(m),
+            None => return Ok(()),
+        }
+    };
+
+    // 3. The table. Opening replays plogs: blocking work, off the runtime threads.
+    stage.set(Stage::Opening);
     let t = Instant::now();
     let (dir, name, count) = (
         config.data_dir.clone(),
@@ -152,19 +230,7 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
         "table opened"
     );
 
-    // 2. The HTTP port.
-    let http_listener = match TcpListener::bind(config.http_addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            close_table(table).await;
-            return Err(listen_error("HTTP", "--http-addr", config.http_addr, &e));
-        }
-    };
-    let http_addr = http_listener
-        .local_addr()
-        .context("read the HTTP port's address")?;
-
-    // 3. The client port, last.
+    // 4. The client port, last.
     let resp_listener = match TcpListener::bind(config.resp_addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -182,20 +248,31 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
         .context("read the RESP port's address")?;
     let grace = config.shutdown_grace;
     let node = Arc::new(Node::new(config, table, resp_addr));
+    let _ = slot.set(node.clone());
 
-    let http_stop = CancellationToken::new();
-    let http = {
-        let router = http::router(http::HttpState {
-            node: node.clone(),
-            stage: stage.clone(),
-        });
-        let stop = http_stop.clone();
-        tokio::spawn(async move {
-            axum::serve(http_listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
-    };
+    // Background work: apply duplicated writes, follow the table's state, collect the plog.
+    let background = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(inbox_apply::run(
+        node.table.partitions().to_vec(),
+        node.config.inbox_apply_interval,
+        background.clone(),
+    ));
+    if let Some(m) = &member {
+        tasks.spawn(cluster::watch_table(
+            m.meta.clone(),
+            node.clone(),
+            background.clone(),
+        ));
+    }
+    tasks.spawn(cluster::gc_plogs(
+        member.as_ref().map(|m| m.meta.clone()),
+        node.clone(),
+        node.config.plog_gc_interval,
+        node.config.plog_retain_decrees,
+        background.clone(),
+    ));
+
     let accept = tokio::spawn(resp::accept_loop(
         resp_listener,
         node.clone(),
@@ -222,12 +299,18 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
         );
         conns.shutdown().await;
     }
+    background.cancel();
+    while tasks.join_next().await.is_some() {}
+    if let Some(m) = member {
+        m.leave().await;
+    }
     http_stop.cancel();
     match http.await {
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server ended with an error"),
         Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
         Ok(Ok(())) => {}
     }
+    drop(slot);
     match Arc::try_unwrap(node) {
         Ok(node) => close_table(node.table).await,
         // Every holder (connections, HTTP) has ended, so this is a bug; the plog is durable, so
