@@ -224,6 +224,9 @@ pub enum ConfigError {
     /// The config file is not valid TOML for a shipper, or has an unknown key.
     #[error("config file {} is invalid: {message}", path.display())]
     Parse { path: PathBuf, message: String },
+    /// No `--config` was given.
+    #[error("no config file given; pass --config FILE (or set FERRY_SHIPPER_CONFIG), with at least [cluster] and [shipper] node")]
+    NoFile,
     /// A key has a value the shipper cannot run with.
     #[error("config key `{key}` {reason}")]
     Invalid { key: String, reason: String },
@@ -233,10 +236,7 @@ impl ShipperConfig {
     /// Reads the file named by `--config`, applies the flags over it and validates the result.
     pub fn load(args: &ShipperArgs) -> Result<ShipperConfig, ConfigError> {
         let Some(path) = &args.config else {
-            return Err(invalid(
-                "--config",
-                "is missing; a shipper needs a config file with at least [cluster] and [shipper] node".into(),
-            ));
+            return Err(ConfigError::NoFile);
         };
         let mut config = ShipperConfig::from_file(path)?;
         config.apply(args);

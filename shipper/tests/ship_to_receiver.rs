@@ -644,3 +644,29 @@ async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> 
     assert_eq!(w.inbox(1).1, (1..=200).collect::<BTreeSet<u64>>());
     Ok(())
 }
+
+/// A shipper whose [cluster] differs from the cluster's stored config refuses to start, naming
+/// the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_config_mismatch_refuses_to_start() -> Result<()> {
+    let w = World::without_shipper(64 << 20).await?;
+    let config = ShipperConfig::parse(&format!(
+        "[cluster]\nname = \"{SOURCE}\"\nid = 3\nduplication_group = {{ bj = 3, tj = 2 }}\n\n\
+         [etcd]\nendpoints = [\"{}\"]\n\n[shipper]\nnode = \"{SOURCE_NODE}\"\ncerts_dir = \"{}\"\n\
+         http_addr = \"{}\"\netcd_timeout = \"1s\"\n",
+        w.etcd.endpoint(),
+        w.dir.path().join("certs").display(),
+        loopback(free_port()),
+    ))
+    .map_err(anyhow::Error::msg)?;
+    config.validate()?;
+    let err = tokio::time::timeout(
+        WAIT,
+        ferry_shipper::server::run(config, CancellationToken::new()),
+    )
+    .await?
+    .expect_err("a mismatching config must not start");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("`cluster.id` is 3 here but 1"), "{msg}");
+    Ok(())
+}
