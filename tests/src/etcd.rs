@@ -215,7 +215,17 @@ impl Default for CoordinatorSpec {
 impl Coordinator {
     /// Writes a config into `dir` and starts a coordinator named `id`, without waiting.
     pub fn spawn(etcd: &Etcd, dir: &Path, id: &str, spec: &CoordinatorSpec) -> Result<Coordinator> {
-        let addr = loopback(free_port());
+        Coordinator::spawn_at(etcd, dir, id, spec, loopback(free_port()))
+    }
+
+    /// Like [`Coordinator::spawn`], listening on `addr`.
+    pub fn spawn_at(
+        etcd: &Etcd,
+        dir: &Path,
+        id: &str,
+        spec: &CoordinatorSpec,
+        addr: SocketAddr,
+    ) -> Result<Coordinator> {
         let config = dir.join(format!("{id}.toml"));
         let text = format!(
             "[cluster]\nname = \"{}\"\nid = {}\nduplication_group = {}\n\n\

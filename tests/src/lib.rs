@@ -2,5 +2,6 @@
 //! ports, run processes that are killed when the test ends.
 
 pub mod cluster;
+pub mod dup;
 pub mod etcd;
 pub mod procs;

@@ -1,4 +1,5 @@
-//! The node's HTTP port: `/health` (the start-up stage reached, as JSON) and `/metrics`
+//! The node's HTTP port: `/health` (the start-up stage reached, as JSON), `/digest` (the
+//! table's content digest, to compare clusters) and `/metrics`
 //! (Prometheus text).
 
 use std::sync::Arc;
@@ -24,6 +25,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/digest", get(digest))
         .with_state(state)
 }
 
@@ -69,4 +71,73 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         )],
         body,
     )
+}
+
+/// `/digest`'s body: what two clusters compare to prove they hold the same table.
+#[derive(Debug, Serialize)]
+pub struct TableDigest {
+    pub table: String,
+    /// Stored entries (tombstones included) in all partitions.
+    pub entries: u64,
+    /// Order-independent hash of every entry (key, timetag, expiry, value), summed over the
+    /// partitions: equal across clusters whatever their partition counts.
+    pub content_hash: String,
+    pub partitions: Vec<PartitionDigest>,
+}
+
+/// One partition in [`TableDigest`].
+#[derive(Debug, Serialize)]
+pub struct PartitionDigest {
+    pub partition: u32,
+    pub entries: u64,
+    /// FNV-1a over every entry in key order (`Partition::digest`).
+    pub digest: String,
+    pub committed_decree: u64,
+}
+
+async fn digest(State(s): State<HttpState>) -> axum::response::Response {
+    let Some(node) = s.node.get().cloned() else {
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the table is not open yet\n",
+        )
+            .into_response();
+    };
+    let result = tokio::task::spawn_blocking(move || -> Result<TableDigest, String> {
+        let mut out = TableDigest {
+            table: node.table.name().to_string(),
+            entries: 0,
+            content_hash: String::new(),
+            partitions: Vec::new(),
+        };
+        let mut sum = 0u64;
+        for p in node.table.partitions() {
+            let (n, d) = p.digest().map_err(|e| e.to_string())?;
+            let (_, h) = p.content_hash().map_err(|e| e.to_string())?;
+            sum = sum.wrapping_add(h);
+            out.entries += n;
+            out.partitions.push(PartitionDigest {
+                partition: p.id().0,
+                entries: n,
+                digest: format!("{d:016x}"),
+                committed_decree: p.committed_decree().0,
+            });
+        }
+        out.content_hash = format!("{sum:016x}");
+        Ok(out)
+    })
+    .await;
+    match result {
+        Ok(Ok(d)) => Json(d).into_response(),
+        Ok(Err(e)) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read the table: {e}\n"),
+        )
+            .into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("digest task failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }

@@ -1,0 +1,305 @@
+//! Two real clusters on loopback, each with a coordinator, a node, a receiver and a shipper, all
+//! real binaries, sharing one etcd (each cluster's keys under `/ferry/<cluster>/`) and one set of
+//! certificates made by `certs init`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cluster::{ClusterNode, NodeSpec};
+use crate::etcd::{ferry, http_get, Coordinator, CoordinatorSpec, Etcd};
+use crate::procs::{bin_path, free_port, loopback, Proc};
+
+/// The duplication group of every test cluster.
+pub const GROUP: &str = "{ bj = 1, tj = 2 }";
+
+/// One cluster's processes.
+pub struct Cluster {
+    pub name: String,
+    pub id: u8,
+    pub coordinator: Coordinator,
+    pub node: ClusterNode,
+    pub receiver: Option<Proc>,
+    pub receiver_quic: SocketAddr,
+    pub receiver_http: SocketAddr,
+    pub shipper: Option<Proc>,
+    pub shipper_http: SocketAddr,
+    /// The other cluster's coordinator address.
+    pub remote: SocketAddr,
+    dir: PathBuf,
+    etcd_endpoint: String,
+    certs: PathBuf,
+}
+
+/// Two clusters, `bj` (id 1) and `tj` (id 2).
+pub struct TwoClusters {
+    pub etcd: Etcd,
+    pub dir: tempfile::TempDir,
+    pub bj: Cluster,
+    pub tj: Cluster,
+}
+
+impl TwoClusters {
+    /// Starts everything and creates table `table` on both sides, with `bj_partitions` and
+    /// `tj_partitions` partitions. Nodes are serving when this returns.
+    pub fn start(table: &str, bj_partitions: u32, tj_partitions: u32) -> Result<TwoClusters> {
+        let etcd = Etcd::start()?;
+        let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        let out = Command::new(bin_path("certs"))
+            .args(["init", "--out"])
+            .arg(&certs)
+            .args(["--cluster", "bj", "--cluster", "tj"])
+            .output()
+            .context("run certs init")?;
+        if !out.status.success() {
+            bail!("certs init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let (bj_addr, tj_addr) = (loopback(free_port()), loopback(free_port()));
+        let mut bj = Cluster::start(
+            &etcd, dir.path(), &certs, "bj", 1, bj_addr, tj_addr, table, bj_partitions,
+        )?;
+        let mut tj = Cluster::start(
+            &etcd, dir.path(), &certs, "tj", 2, tj_addr, bj_addr, table, tj_partitions,
+        )?;
+        for c in [&mut bj, &mut tj] {
+            c.ferry_ok(&["table", "create", table, "--partitions", &c.node.spec.partitions.to_string()])?;
+        }
+        for c in [&mut bj, &mut tj] {
+            c.node.wait_stage("serving", Duration::from_secs(30))?;
+        }
+        Ok(TwoClusters { etcd, dir, bj, tj })
+    }
+}
+
+impl Cluster {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        etcd: &Etcd,
+        dir: &Path,
+        certs: &Path,
+        name: &str,
+        id: u8,
+        addr: SocketAddr,
+        remote: SocketAddr,
+        table: &str,
+        partitions: u32,
+    ) -> Result<Cluster> {
+        let spec = CoordinatorSpec {
+            cluster: name.into(),
+            cluster_id: id,
+            group: GROUP.into(),
+            remotes: vec![format!(
+                "{} = [\"{remote}\"]",
+                if name == "bj" { "tj" } else { "bj" }
+            )],
+            lease_ttl: "3s",
+        };
+        let mut coordinator = Coordinator::spawn_at(etcd, dir, &format!("{name}-c1"), &spec, addr)?;
+        coordinator.wait_stage(&["leader"], Duration::from_secs(30))?;
+        let node = ClusterNode::spawn(
+            etcd,
+            dir,
+            &NodeSpec {
+                cluster: name.into(),
+                cluster_id: id,
+                group: GROUP.into(),
+                name: format!("{name}-n1"),
+                table: table.into(),
+                partitions,
+                lease_ttl: "2s",
+            },
+        )?;
+        let mut c = Cluster {
+            name: name.into(),
+            id,
+            coordinator,
+            node,
+            receiver: None,
+            receiver_quic: loopback(free_port()),
+            receiver_http: loopback(free_port()),
+            shipper: None,
+            shipper_http: loopback(free_port()),
+            remote,
+            dir: dir.to_path_buf(),
+            etcd_endpoint: etcd.endpoint(),
+            certs: certs.to_path_buf(),
+        };
+        c.start_receiver()?;
+        c.start_shipper()?;
+        Ok(c)
+    }
+
+    fn cluster_section(&self) -> String {
+        format!(
+            "[cluster]\nname = \"{}\"\nid = {}\nduplication_group = {GROUP}\n\n[etcd]\nendpoints = [\"{}\"]\n\n",
+            self.name, self.id, self.etcd_endpoint
+        )
+    }
+
+    fn log(&self, what: &str) -> Result<std::fs::File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}-{what}.log", self.name)))
+            .context("open a log")
+    }
+
+    /// What a process of this cluster logged (`receiver`, `shipper`).
+    pub fn log_text(&self, what: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}-{what}.log", self.name)))
+            .unwrap_or_default()
+    }
+
+    /// Starts (or restarts) the receiver and waits until it serves.
+    pub fn start_receiver(&mut self) -> Result<()> {
+        let config = self.dir.join(format!("{}-receiver.toml", self.name));
+        std::fs::write(
+            &config,
+            format!(
+                "{}[receiver]\nnode = \"{}\"\nlisten = \"{}\"\nhttp_addr = \"{}\"\ndata_dir = \"{}\"\n\
+                 certs_dir = \"{}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\nbandwidth_mbps = 1000\n\
+                 rtt_ms = 5\nshutdown_grace = \"2s\"\n",
+                self.cluster_section(),
+                self.node.spec.name,
+                self.receiver_quic,
+                self.receiver_http,
+                self.node.data_dir.display(),
+                self.certs.display(),
+            ),
+        )?;
+        let mut cmd = Command::new(bin_path("receiver"));
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(self.log("receiver")?));
+        let mut proc = Proc::spawn(&format!("{}-receiver", self.name), &mut cmd)?;
+        wait_serving(&mut proc, self.receiver_http, || self.log_text("receiver"))?;
+        self.receiver = Some(proc);
+        Ok(())
+    }
+
+    /// Starts (or restarts) the shipper and waits until its HTTP port answers.
+    pub fn start_shipper(&mut self) -> Result<()> {
+        let config = self.dir.join(format!("{}-shipper.toml", self.name));
+        let remote_name = if self.name == "bj" { "tj" } else { "bj" };
+        std::fs::write(
+            &config,
+            format!(
+                "{}[remote_clusters]\n{remote_name} = [\"{}\"]\n\n[shipper]\nnode = \"{}\"\n\
+                 data_dir = \"{}\"\ncerts_dir = \"{}\"\nhttp_addr = \"{}\"\nlease_ttl = \"2s\"\n\
+                 etcd_timeout = \"1s\"\nprogress_interval = \"200ms\"\nreconcile_interval = \"300ms\"\n\
+                 bandwidth_mbps = 1000\nrtt_ms = 5\n",
+                self.cluster_section(),
+                self.remote,
+                self.node.spec.name,
+                self.node.data_dir.display(),
+                self.certs.display(),
+                self.shipper_http,
+            ),
+        )?;
+        let mut cmd = Command::new(bin_path("shipper"));
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(self.log("shipper")?));
+        let mut proc = Proc::spawn(&format!("{}-shipper", self.name), &mut cmd)?;
+        wait_serving(&mut proc, self.shipper_http, || self.log_text("shipper"))?;
+        self.shipper = Some(proc);
+        Ok(())
+    }
+
+    /// kill -9 of the node, then a restart on the same addresses and data; waits until it serves.
+    pub fn restart_node(&mut self, etcd: &Etcd) -> Result<()> {
+        self.node.proc.kill9();
+        let (resp, http, spec) = (self.node.resp, self.node.http, self.node.spec.clone());
+        // The lease of the killed node's registration may still be alive: the new node
+        // registers under its own lease and the old key expires.
+        self.node = ClusterNode::spawn_at(etcd, &self.dir, &spec, resp, http)?;
+        self.node.wait_stage("serving", Duration::from_secs(60))
+    }
+
+    /// Runs `ferry` against this cluster's coordinator; fails with its stderr.
+    pub fn ferry_ok(&self, args: &[&str]) -> Result<String> {
+        let out = ferry(&[self.coordinator.addr], args)?;
+        if !out.status.success() {
+            bail!(
+                "ferry {args:?} on {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Adds an incremental dup of `table` to `remote`; returns its dupid.
+    pub fn add_dup(&self, table: &str, remote: &str) -> Result<u64> {
+        let out = self.ferry_ok(&["--json", "dup", "add", "-t", table, "-c", remote])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("parse dup add --json")?;
+        v["dupid"].as_u64().context("dup add --json has a dupid")
+    }
+
+    /// The node's `/digest`.
+    pub fn digest(&self) -> Result<serde_json::Value> {
+        let (status, body) = http_get(self.node.http, "/digest")?;
+        if status != 200 {
+            bail!("/digest answered {status}: {body}");
+        }
+        serde_json::from_str(&body).context("parse /digest")
+    }
+
+    /// The shipper's `/replica/duplication` rows.
+    pub fn duplication_rows(&self) -> Result<serde_json::Value> {
+        let (status, body) = http_get(self.shipper_http, "/replica/duplication")?;
+        if status != 200 {
+            bail!("/replica/duplication answered {status}: {body}");
+        }
+        serde_json::from_str(&body).context("parse /replica/duplication")
+    }
+
+    pub fn redis(&self) -> Result<redis::Connection> {
+        Ok(redis::Client::open(self.node.redis_url())?
+            .get_connection_with_timeout(Duration::from_secs(5))?)
+    }
+}
+
+fn wait_serving(proc: &mut Proc, http: SocketAddr, log: impl Fn() -> String) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(status) = proc.child.try_wait()? {
+            bail!("{} exited with {status}: {}", proc.name, log());
+        }
+        if let Ok((200, body)) = http_get(http, "/health") {
+            // receivers say `serving`, shippers `running`.
+            if body.contains(r#""stage":"serving""#) || body.contains(r#""stage":"running""#) {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{} did not report `serving` within 30s: {}", proc.name, log())
+}
+
+/// Waits (bounded) until both nodes hold the same content: equal entry counts and equal
+/// order-independent content hashes. Returns the entry count.
+pub fn wait_converged(a: &Cluster, b: &Cluster, timeout: Duration) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let (da, db) = (a.digest()?, b.digest()?);
+        if da["entries"] == db["entries"] && da["content_hash"] == db["content_hash"] {
+            return da["entries"].as_u64().context("entries");
+        }
+        last = format!(
+            "{}: {} entries {}, {}: {} entries {}",
+            a.name, da["entries"], da["content_hash"], b.name, db["entries"], db["content_hash"]
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    bail!("not converged after {timeout:?}: {last}")
+}
