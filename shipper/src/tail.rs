@@ -88,26 +88,38 @@ impl CommitWatcher {
     /// Subscribes to changes of `<dir>/committed`. If the directory cannot be watched now (it
     /// does not exist yet), the subscription works by its fallback timer alone.
     pub fn subscribe(&self, dir: &Path) -> Subscription {
-        let mut dirs = lock(&self.inner.dirs);
-        let entry = dirs.entry(dir.to_path_buf()).or_insert_with(|| DirEntry {
-            tx: watch::channel(0).0,
-            subscribers: 0,
-            watched: false,
-        });
-        entry.subscribers += 1;
-        if !entry.watched {
+        // The `dirs` lock is never held across `watch`/`unwatch`: notify's inotify backend
+        // answers those on its event thread, which may at the same moment be in the handler
+        // waiting for `dirs`, a deadlock that once stalled a whole runtime.
+        let (rx, must_watch) = {
+            let mut dirs = lock(&self.inner.dirs);
+            let entry = dirs.entry(dir.to_path_buf()).or_insert_with(|| DirEntry {
+                tx: watch::channel(0).0,
+                subscribers: 0,
+                watched: false,
+            });
+            entry.subscribers += 1;
+            let must_watch = !entry.watched && self.inner.watcher.is_some();
+            // Claimed now, so that one subscriber adds the watch; if it fails, the fallback
+            // timer covers the directory.
+            if must_watch {
+                entry.watched = true;
+            }
+            (entry.tx.subscribe(), must_watch)
+        };
+        if must_watch {
             if let Some(w) = &self.inner.watcher {
-                match lock(w).watch(dir, RecursiveMode::NonRecursive) {
-                    Ok(()) => entry.watched = true,
-                    Err(e) => {
-                        tracing::debug!(dir = %dir.display(), error = %e, "cannot watch plog directory; polling it")
+                if let Err(e) = lock(w).watch(dir, RecursiveMode::NonRecursive) {
+                    tracing::debug!(dir = %dir.display(), error = %e, "cannot watch plog directory; polling it");
+                    if let Some(entry) = lock(&self.inner.dirs).get_mut(dir) {
+                        entry.watched = false;
                     }
                 }
             }
         }
         Subscription {
             dir: dir.to_path_buf(),
-            rx: entry.tx.subscribe(),
+            rx,
             inner: self.inner.clone(),
         }
     }
@@ -144,18 +156,24 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut dirs = lock(&self.inner.dirs);
-        let Some(e) = dirs.get_mut(&self.dir) else {
-            return;
-        };
-        e.subscribers = e.subscribers.saturating_sub(1);
-        if e.subscribers == 0 {
-            if e.watched {
-                if let Some(w) = &self.inner.watcher {
-                    let _ = lock(w).unwatch(&self.dir);
-                }
+        // As in `subscribe`: `unwatch` runs after the `dirs` lock is released.
+        let unwatch = {
+            let mut dirs = lock(&self.inner.dirs);
+            let Some(e) = dirs.get_mut(&self.dir) else {
+                return;
+            };
+            e.subscribers = e.subscribers.saturating_sub(1);
+            if e.subscribers > 0 {
+                return;
             }
+            let watched = e.watched;
             dirs.remove(&self.dir);
+            watched
+        };
+        if unwatch {
+            if let Some(w) = &self.inner.watcher {
+                let _ = lock(w).unwatch(&self.dir);
+            }
         }
     }
 }

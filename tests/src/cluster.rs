@@ -21,6 +21,8 @@ pub struct NodeSpec {
     pub table: String,
     pub partitions: u32,
     pub lease_ttl: &'static str,
+    /// More TOML lines for the config, e.g. `plog_segment_bytes = 65536`.
+    pub extra_toml: String,
 }
 
 impl Default for NodeSpec {
@@ -33,6 +35,7 @@ impl Default for NodeSpec {
             table: "users".into(),
             partitions: 4,
             lease_ttl: "2s",
+            extra_toml: String::new(),
         }
     }
 }
@@ -51,7 +54,13 @@ impl ClusterNode {
     /// Writes a config into `dir` and starts the node, without waiting. The data dir is
     /// `dir/<name>-data`, so a restart with the same `dir` and name finds its data.
     pub fn spawn(etcd: &Etcd, dir: &Path, spec: &NodeSpec) -> Result<ClusterNode> {
-        ClusterNode::spawn_at(etcd, dir, spec, loopback(free_port()), loopback(free_port()))
+        ClusterNode::spawn_at(
+            etcd,
+            dir,
+            spec,
+            loopback(free_port()),
+            loopback(free_port()),
+        )
     }
 
     /// Like [`ClusterNode::spawn`] on given addresses (a restart keeps its RESP address).
@@ -68,7 +77,7 @@ impl ClusterNode {
             "cluster = \"{}\"\ncluster_id = {}\nduplication_group = {}\nnode_name = \"{}\"\n\
              table = \"{}\"\npartitions = {}\ndata_dir = \"{}\"\nresp_addr = \"{resp}\"\n\
              http_addr = \"{http}\"\netcd_endpoints = [\"{}\"]\nlease_ttl = \"{}\"\n\
-             etcd_timeout = \"1s\"\nplog_gc_interval = \"1s\"\nshutdown_grace = \"2s\"\n",
+             etcd_timeout = \"1s\"\nplog_gc_interval = \"1s\"\nshutdown_grace = \"2s\"\n{}\n",
             spec.cluster,
             spec.cluster_id,
             spec.group,
@@ -78,6 +87,7 @@ impl ClusterNode {
             data_dir.display(),
             etcd.endpoint(),
             spec.lease_ttl,
+            spec.extra_toml,
         );
         std::fs::write(&config, text).context("write the node config")?;
         let log = dir.join(format!("{}.log", spec.name));
@@ -145,7 +155,10 @@ impl ClusterNode {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        bail!("the node did not exit within {timeout:?}: {}", self.log_text())
+        bail!(
+            "the node did not exit within {timeout:?}: {}",
+            self.log_text()
+        )
     }
 
     pub fn redis_url(&self) -> String {

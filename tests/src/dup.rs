@@ -46,6 +46,16 @@ impl TwoClusters {
     /// Starts everything and creates table `table` on both sides, with `bj_partitions` and
     /// `tj_partitions` partitions. Nodes are serving when this returns.
     pub fn start(table: &str, bj_partitions: u32, tj_partitions: u32) -> Result<TwoClusters> {
+        TwoClusters::start_with(table, bj_partitions, tj_partitions, "")
+    }
+
+    /// Like [`TwoClusters::start`], with more TOML lines in both nodes' configs.
+    pub fn start_with(
+        table: &str,
+        bj_partitions: u32,
+        tj_partitions: u32,
+        node_toml: &str,
+    ) -> Result<TwoClusters> {
         let etcd = Etcd::start()?;
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
@@ -56,17 +66,44 @@ impl TwoClusters {
             .output()
             .context("run certs init")?;
         if !out.status.success() {
-            bail!("certs init failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "certs init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let (bj_addr, tj_addr) = (loopback(free_port()), loopback(free_port()));
         let mut bj = Cluster::start(
-            &etcd, dir.path(), &certs, "bj", 1, bj_addr, tj_addr, table, bj_partitions,
+            &etcd,
+            dir.path(),
+            &certs,
+            "bj",
+            1,
+            bj_addr,
+            tj_addr,
+            table,
+            bj_partitions,
+            node_toml,
         )?;
         let mut tj = Cluster::start(
-            &etcd, dir.path(), &certs, "tj", 2, tj_addr, bj_addr, table, tj_partitions,
+            &etcd,
+            dir.path(),
+            &certs,
+            "tj",
+            2,
+            tj_addr,
+            bj_addr,
+            table,
+            tj_partitions,
+            node_toml,
         )?;
         for c in [&mut bj, &mut tj] {
-            c.ferry_ok(&["table", "create", table, "--partitions", &c.node.spec.partitions.to_string()])?;
+            c.ferry_ok(&[
+                "table",
+                "create",
+                table,
+                "--partitions",
+                &c.node.spec.partitions.to_string(),
+            ])?;
         }
         for c in [&mut bj, &mut tj] {
             c.node.wait_stage("serving", Duration::from_secs(30))?;
@@ -87,6 +124,7 @@ impl Cluster {
         remote: SocketAddr,
         table: &str,
         partitions: u32,
+        node_toml: &str,
     ) -> Result<Cluster> {
         let spec = CoordinatorSpec {
             cluster: name.into(),
@@ -111,6 +149,7 @@ impl Cluster {
                 table: table.into(),
                 partitions,
                 lease_ttl: "2s",
+                extra_toml: node_toml.into(),
             },
         )?;
         let mut c = Cluster {
@@ -154,8 +193,21 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Starts (or restarts) the receiver and waits until it serves.
+    /// Starts (or restarts) the receiver and waits until it serves. Ports picked by
+    /// `free_port` can be taken by another process meanwhile: then new ones are tried.
     pub fn start_receiver(&mut self) -> Result<()> {
+        for _ in 0..3 {
+            match self.try_start_receiver() {
+                Err(e) if e.to_string().contains("already in use") => {
+                    self.receiver_http = loopback(free_port());
+                }
+                other => return other,
+            }
+        }
+        self.try_start_receiver()
+    }
+
+    fn try_start_receiver(&mut self) -> Result<()> {
         let config = self.dir.join(format!("{}-receiver.toml", self.name));
         std::fs::write(
             &config,
@@ -174,7 +226,10 @@ impl Cluster {
         let mut cmd = Command::new(bin_path("receiver"));
         cmd.arg("--config")
             .arg(&config)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::from(self.log("receiver")?));
         let mut proc = Proc::spawn(&format!("{}-receiver", self.name), &mut cmd)?;
@@ -183,8 +238,21 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts (or restarts) the shipper and waits until its HTTP port answers.
+    /// Starts (or restarts) the shipper and waits until its HTTP port answers (new ports if
+    /// the picked one was taken meanwhile).
     pub fn start_shipper(&mut self) -> Result<()> {
+        for _ in 0..3 {
+            match self.try_start_shipper() {
+                Err(e) if e.to_string().contains("already in use") => {
+                    self.shipper_http = loopback(free_port());
+                }
+                other => return other,
+            }
+        }
+        self.try_start_shipper()
+    }
+
+    fn try_start_shipper(&mut self) -> Result<()> {
         let config = self.dir.join(format!("{}-shipper.toml", self.name));
         let remote_name = if self.name == "bj" { "tj" } else { "bj" };
         std::fs::write(
@@ -205,7 +273,10 @@ impl Cluster {
         let mut cmd = Command::new(bin_path("shipper"));
         cmd.arg("--config")
             .arg(&config)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::from(self.log("shipper")?));
         let mut proc = Proc::spawn(&format!("{}-shipper", self.name), &mut cmd)?;
@@ -253,6 +324,32 @@ impl Cluster {
         serde_json::from_str(&body).context("parse /digest")
     }
 
+    /// Plog segment files per partition of the node's table.
+    pub fn plog_segments(&self) -> Result<Vec<usize>> {
+        let table = self.node.data_dir.join(&self.node.spec.table);
+        (0..self.node.spec.partitions)
+            .map(|p| {
+                let dir = table.join(p.to_string()).join("plog");
+                Ok(std::fs::read_dir(&dir)
+                    .with_context(|| format!("list {}", dir.display()))?
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".plog"))
+                    .count())
+            })
+            .collect()
+    }
+
+    /// Sum of the node's committed decrees (its own, local writes).
+    pub fn committed_sum(&self) -> Result<u64> {
+        let d = self.digest()?;
+        Ok(d["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["committed_decree"].as_u64())
+            .sum())
+    }
+
     /// The shipper's `/replica/duplication` rows.
     pub fn duplication_rows(&self) -> Result<serde_json::Value> {
         let (status, body) = http_get(self.shipper_http, "/replica/duplication")?;
@@ -282,7 +379,11 @@ fn wait_serving(proc: &mut Proc, http: SocketAddr, log: impl Fn() -> String) -> 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("{} did not report `serving` within 30s: {}", proc.name, log())
+    bail!(
+        "{} did not report `serving` within 30s: {}",
+        proc.name,
+        log()
+    )
 }
 
 /// Waits (bounded) until both nodes hold the same content: equal entry counts and equal

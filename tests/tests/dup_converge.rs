@@ -16,7 +16,10 @@ fn write_load(con: &mut redis::Connection, prefix: &str, n: u32) -> Result<()> {
     for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
         let mut pipe = redis::pipe();
         for i in chunk {
-            pipe.cmd("SET").arg(format!("{prefix}:{i}")).arg(&value).ignore();
+            pipe.cmd("SET")
+                .arg(format!("{prefix}:{i}"))
+                .arg(&value)
+                .ignore();
         }
         pipe.query::<()>(con)?;
     }
@@ -25,7 +28,10 @@ fn write_load(con: &mut redis::Connection, prefix: &str, n: u32) -> Result<()> {
         pipe.cmd("DEL").arg(format!("{prefix}:{i}")).ignore();
     }
     for i in 0..100 {
-        pipe.cmd("INCRBY").arg(format!("{prefix}:counter:{}", i % 7)).arg(i).ignore();
+        pipe.cmd("INCRBY")
+            .arg(format!("{prefix}:counter:{}", i % 7))
+            .arg(i)
+            .ignore();
     }
     pipe.query::<()>(con)?;
     Ok(())
@@ -48,8 +54,14 @@ fn two_hundred_thousand_keys_converge_with_equal_partition_digests() -> Result<(
     assert_eq!(entries, 200_007);
     let (a, b) = (w.bj.digest()?, w.tj.digest()?);
     for p in 0..8 {
-        assert_eq!(a["partitions"][p]["digest"], b["partitions"][p]["digest"], "partition {p}");
-        assert_eq!(a["partitions"][p]["entries"], b["partitions"][p]["entries"], "partition {p}");
+        assert_eq!(
+            a["partitions"][p]["digest"], b["partitions"][p]["digest"],
+            "partition {p}"
+        );
+        assert_eq!(
+            a["partitions"][p]["entries"], b["partitions"][p]["entries"],
+            "partition {p}"
+        );
     }
     // Reads on the target see the source's values, deletes and counters.
     let mut tcon = w.tj.redis()?;

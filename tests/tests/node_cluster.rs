@@ -99,11 +99,15 @@ fn node_joins_serves_follows_table_state_and_leaves_when_killed() -> Result<()> 
     // expiry granularity.
     node.proc.kill9();
     let killed = Instant::now();
-    wait_for("the dead node left the registry", Duration::from_secs(10), || {
-        etcd.get("/ferry/bj/nodes/bj-n1")
-            .ok()
-            .filter(Option::is_none)
-    })?;
+    wait_for(
+        "the dead node left the registry",
+        Duration::from_secs(10),
+        || {
+            etcd.get("/ferry/bj/nodes/bj-n1")
+                .ok()
+                .filter(Option::is_none)
+        },
+    )?;
     let gone_after = killed.elapsed();
     eprintln!("registration gone {gone_after:?} after kill -9 (lease TTL 2s)");
     assert!(gone_after < Duration::from_secs(5), "{gone_after:?}");

@@ -199,11 +199,7 @@ pub async fn gc_plogs(
     }
 }
 
-async fn gc_once(
-    meta: Option<&MetaStore>,
-    node: &Node,
-    retain_decrees: u64,
-) -> anyhow::Result<()> {
+async fn gc_once(meta: Option<&MetaStore>, node: &Node, retain_decrees: u64) -> anyhow::Result<()> {
     let table = node.table.name();
     let dups: Vec<_> = match meta {
         Some(meta) => meta
@@ -237,7 +233,12 @@ async fn gc_once(
             .await
             .with_context(|| format!("collect partition {p}'s plog below decree {below}"))?;
         if !removed.is_empty() {
-            tracing::info!(partition = p.0, below = below.0, segments = removed.len(), "plog segments collected");
+            tracing::info!(
+                partition = p.0,
+                below = below.0,
+                segments = removed.len(),
+                "plog segments collected"
+            );
         }
     }
     Ok(())

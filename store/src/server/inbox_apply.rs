@@ -42,13 +42,19 @@ async fn apply_partition(partition: Arc<Partition>, interval: Duration, cancel: 
                 Ok(sources) => {
                     for s in sources {
                         if !appliers.iter().any(|a| a.source() == s) {
-                            tracing::info!(partition = partition.id().0, source_cluster = s.cluster.get(),
-                                source_partition = s.partition.0, "applying a new inbox");
+                            tracing::info!(
+                                partition = partition.id().0,
+                                source_cluster = s.cluster.get(),
+                                source_partition = s.partition.0,
+                                "applying a new inbox"
+                            );
                             appliers.push(InboxApplier::new(partition.dir(), s));
                         }
                     }
                 }
-                Err(e) => tracing::warn!(partition = partition.id().0, error = %e, "list the inbox"),
+                Err(e) => {
+                    tracing::warn!(partition = partition.id().0, error = %e, "list the inbox")
+                }
             }
         }
         let mut ok = true;
@@ -66,7 +72,11 @@ async fn apply_partition(partition: Arc<Partition>, interval: Duration, cancel: 
             tracing::info!(partition = partition.id().0, "inbox applies again");
         }
         failing = !ok;
-        let pause = if ok { interval } else { interval.max(Duration::from_millis(500)) };
+        let pause = if ok {
+            interval
+        } else {
+            interval.max(Duration::from_millis(500))
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
