@@ -21,9 +21,9 @@ use ferry_proto::DupId;
 
 use super::{election, Shared};
 use crate::api::{
-    AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, HealthView, PegasusAppDuplication,
-    PartitionReceiver, PegasusDup, SetFailMode, SetTableState, StatusView, TableDetail, TableReceivers,
-    TableView,
+    AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, HealthView, PartitionReceiver,
+    PegasusAppDuplication, PegasusDup, SetFailMode, SetTableState, StatusView, TableDetail,
+    TableReceivers, TableView,
 };
 use crate::meta::dups::DupPolicy;
 use crate::meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore, TableState};
