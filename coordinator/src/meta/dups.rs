@@ -274,9 +274,14 @@ impl MetaStore {
         let key = self.keys().progress(table, dupid, p);
         for _ in 0..CAS_ATTEMPTS {
             let old = self.get(key.clone()).await?;
+            let mut progress = progress.clone();
             if let Some(kv) = &old {
                 let stored: Progress = decode(kv)?;
-                if stored.confirmed_decree > progress.confirmed_decree || stored == *progress {
+                // Fields a newer writer added are kept.
+                for (k, v) in &stored.extra {
+                    progress.extra.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                if stored.confirmed_decree > progress.confirmed_decree || stored == progress {
                     return Ok(stored);
                 }
             }
@@ -286,11 +291,11 @@ impl MetaStore {
                         unchanged(&key, old.as_ref()),
                         Compare::version(dup_key.clone(), CompareOp::Greater, 0),
                     ],
-                    vec![TxnOp::put(key.clone(), encode(progress), None)],
+                    vec![TxnOp::put(key.clone(), encode(&progress), None)],
                 )
                 .await?;
             if ok {
-                return Ok(progress.clone());
+                return Ok(progress);
             }
             if self.get(dup_key.clone()).await?.is_none() {
                 return Err(MetaError::NoSuchDup {
