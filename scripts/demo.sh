@@ -133,8 +133,17 @@ while [ $t -lt 600 ]; do
 done
 tr '\r' '\n' <"$run/benchmark.out" | grep "requests per second" | sed 's/^/   redis-benchmark: /' || true
 
-echo "== ferry status of bj"
+echo "== the dup on bj: ferry dup list, then the shipper's per-partition view (/replica/duplication)"
 "$bin/ferry" -C "${coord[bj]}" dup list -t users
+python3 - "$(curl -s "$ship_url/replica/duplication?appid=1")" <<'EOF'
+import json, sys
+rows = json.loads(sys.argv[1])["duplications"]
+print("   %9s  %9s  %9s  %9s  %7s  %6s  %s" % ("partition", "state", "confirmed", "committed", "pending", "lag_ms", "token"))
+for r in rows:
+    print("   %9s  %9s  %9s  %9s  %7s  %6s  %s" % (r["partition"], r["state"], r["confirmed_decree"],
+          r["committed_decree"], r["pending_mutations"], r["lag_ms"], r["fencing_token"]))
+EOF
+echo "   tj node /health: $(curl -s "http://127.0.0.1:${http[tj]}/health")"
 
 echo "== comparing the clusters' content, partition by partition"
 converged=0
