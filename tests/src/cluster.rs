@@ -2,13 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::etcd::{http_get, Etcd};
-use crate::procs::{bin_path, free_port, loopback, Proc};
+use crate::procs::{bin_path, free_port, Proc};
 
 /// What to put in a cluster node's config.
 #[derive(Debug, Clone)]
@@ -54,12 +54,13 @@ impl ClusterNode {
     /// Writes a config into `dir` and starts the node, without waiting. The data dir is
     /// `dir/<name>-data`, so a restart with the same `dir` and name finds its data.
     pub fn spawn(etcd: &Etcd, dir: &Path, spec: &NodeSpec) -> Result<ClusterNode> {
+        let ip = etcd.place().ip;
         ClusterNode::spawn_at(
             etcd,
             dir,
             spec,
-            loopback(free_port()),
-            loopback(free_port()),
+            SocketAddr::new(ip, free_port()),
+            SocketAddr::new(ip, free_port()),
         )
     }
 
@@ -91,7 +92,7 @@ impl ClusterNode {
         );
         std::fs::write(&config, text).context("write the node config")?;
         let log = dir.join(format!("{}.log", spec.name));
-        let mut cmd = Command::new(bin_path("node"));
+        let mut cmd = etcd.place().command(bin_path("node"));
         cmd.arg("--config")
             .arg(&config)
             .env(

@@ -27,6 +27,10 @@ pub struct Cluster {
     pub receiver_http: SocketAddr,
     pub shipper: Option<Proc>,
     pub shipper_http: SocketAddr,
+    /// Where its processes run.
+    pub place: crate::netns::Place,
+    /// The address the receiver registers for shippers to dial, if not its own.
+    pub receiver_advertise: Option<SocketAddr>,
     /// The other cluster's coordinator address.
     pub remote: SocketAddr,
     dir: PathBuf,
@@ -37,6 +41,8 @@ pub struct Cluster {
 /// Two clusters, `bj` (id 1) and `tj` (id 2).
 pub struct TwoClusters {
     pub etcd: Etcd,
+    /// tj's own etcd, when tj runs across a WAN link (otherwise both share `etcd`).
+    pub tj_etcd: Option<Etcd>,
     pub dir: tempfile::TempDir,
     pub bj: Cluster,
     pub tj: Cluster,
@@ -108,7 +114,85 @@ impl TwoClusters {
         for c in [&mut bj, &mut tj] {
             c.node.wait_stage("serving", Duration::from_secs(30))?;
         }
-        Ok(TwoClusters { etcd, dir, bj, tj })
+        Ok(TwoClusters {
+            etcd,
+            tj_etcd: None,
+            dir,
+            bj,
+            tj,
+        })
+    }
+
+    /// bj here, tj across `wan` (inside its namespace, with its own etcd there): every packet
+    /// between the clusters crosses the delayed link.
+    pub fn start_wan(
+        table: &str,
+        bj_partitions: u32,
+        tj_partitions: u32,
+        wan: &crate::netns::Wan,
+    ) -> Result<TwoClusters> {
+        let near = wan.near();
+        let etcd = Etcd::start_in(&near)?;
+        let tj_etcd = Etcd::start_in(&wan.far())?;
+        let dir = tempfile::tempdir()?;
+        let certs = dir.path().join("certs");
+        let out = Command::new(bin_path("certs"))
+            .args(["init", "--out"])
+            .arg(&certs)
+            .args(["--cluster", "bj", "--cluster", "tj"])
+            .output()
+            .context("run certs init")?;
+        if !out.status.success() {
+            bail!(
+                "certs init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let bj_addr = SocketAddr::new(near.ip, free_port());
+        let tj_addr = SocketAddr::new(wan.far().ip, free_port());
+        let mut bj = Cluster::start(
+            &etcd,
+            dir.path(),
+            &certs,
+            "bj",
+            1,
+            bj_addr,
+            tj_addr,
+            table,
+            bj_partitions,
+            "",
+        )?;
+        let mut tj = Cluster::start(
+            &tj_etcd,
+            dir.path(),
+            &certs,
+            "tj",
+            2,
+            tj_addr,
+            bj_addr,
+            table,
+            tj_partitions,
+            "",
+        )?;
+        for c in [&mut bj, &mut tj] {
+            c.ferry_ok(&[
+                "table",
+                "create",
+                table,
+                "--partitions",
+                &c.node.spec.partitions.to_string(),
+            ])?;
+        }
+        for c in [&mut bj, &mut tj] {
+            c.node.wait_stage("serving", Duration::from_secs(30))?;
+        }
+        Ok(TwoClusters {
+            etcd,
+            tj_etcd: Some(tj_etcd),
+            dir,
+            bj,
+            tj,
+        })
     }
 }
 
@@ -158,10 +242,12 @@ impl Cluster {
             coordinator,
             node,
             receiver: None,
-            receiver_quic: loopback(free_port()),
-            receiver_http: loopback(free_port()),
+            receiver_quic: SocketAddr::new(etcd.place().ip, free_port()),
+            receiver_http: SocketAddr::new(etcd.place().ip, free_port()),
             shipper: None,
-            shipper_http: loopback(free_port()),
+            shipper_http: SocketAddr::new(etcd.place().ip, free_port()),
+            place: etcd.place().clone(),
+            receiver_advertise: None,
             remote,
             dir: dir.to_path_buf(),
             etcd_endpoint: etcd.endpoint(),
@@ -199,7 +285,7 @@ impl Cluster {
         for _ in 0..3 {
             match self.try_start_receiver() {
                 Err(e) if e.to_string().contains("already in use") => {
-                    self.receiver_http = loopback(free_port());
+                    self.receiver_http = SocketAddr::new(self.place.ip, free_port());
                 }
                 other => return other,
             }
@@ -212,18 +298,19 @@ impl Cluster {
         std::fs::write(
             &config,
             format!(
-                "{}[receiver]\nnode = \"{}\"\nlisten = \"{}\"\nhttp_addr = \"{}\"\ndata_dir = \"{}\"\n\
+                "{}[receiver]\nnode = \"{}\"\nlisten = \"{}\"\nadvertise = \"{}\"\nhttp_addr = \"{}\"\ndata_dir = \"{}\"\n\
                  certs_dir = \"{}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\nbandwidth_mbps = 1000\n\
                  rtt_ms = 5\nshutdown_grace = \"2s\"\n",
                 self.cluster_section(),
                 self.node.spec.name,
                 self.receiver_quic,
+                self.receiver_advertise.unwrap_or(self.receiver_quic),
                 self.receiver_http,
                 self.node.data_dir.display(),
                 self.certs.display(),
             ),
         )?;
-        let mut cmd = Command::new(bin_path("receiver"));
+        let mut cmd = self.place.command(bin_path("receiver"));
         cmd.arg("--config")
             .arg(&config)
             .env(
@@ -244,7 +331,7 @@ impl Cluster {
         for _ in 0..3 {
             match self.try_start_shipper() {
                 Err(e) if e.to_string().contains("already in use") => {
-                    self.shipper_http = loopback(free_port());
+                    self.shipper_http = SocketAddr::new(self.place.ip, free_port());
                 }
                 other => return other,
             }
@@ -270,7 +357,7 @@ impl Cluster {
                 self.shipper_http,
             ),
         )?;
-        let mut cmd = Command::new(bin_path("shipper"));
+        let mut cmd = self.place.command(bin_path("shipper"));
         cmd.arg("--config")
             .arg(&config)
             .env(
@@ -283,6 +370,16 @@ impl Cluster {
         wait_serving(&mut proc, self.shipper_http, || self.log_text("shipper"))?;
         self.shipper = Some(proc);
         Ok(())
+    }
+
+    /// Makes shippers reach this cluster's receiver through `addr` (a delaying relay): the
+    /// receiver is restarted to register that address.
+    pub fn advertise_receiver_at(&mut self, addr: SocketAddr) -> Result<()> {
+        self.receiver_advertise = Some(addr);
+        if let Some(mut r) = self.receiver.take() {
+            r.terminate(Duration::from_secs(10));
+        }
+        self.start_receiver()
     }
 
     /// kill -9 of the node, then a restart on the same addresses and data; waits until it serves.

@@ -20,6 +20,7 @@ use crate::procs::{bin_path, free_port, loopback, wait_for_port, Proc};
 /// A running (or stopped) private etcd.
 pub struct Etcd {
     proc: Option<Proc>,
+    place: crate::netns::Place,
     client: SocketAddr,
     peer: SocketAddr,
     dir: tempfile::TempDir,
@@ -28,12 +29,18 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd on free loopback ports with a fresh data dir and waits until it answers.
     pub fn start() -> Result<Etcd> {
+        Etcd::start_in(&crate::netns::Place::local())
+    }
+
+    /// Starts etcd in `place` (on its address, free ports picked here), waits until it answers.
+    pub fn start_in(place: &crate::netns::Place) -> Result<Etcd> {
         let mut last = None;
         for _ in 0..5 {
             let mut etcd = Etcd {
                 proc: None,
-                client: loopback(free_port()),
-                peer: loopback(free_port()),
+                place: place.clone(),
+                client: SocketAddr::new(place.ip, free_port()),
+                peer: SocketAddr::new(place.ip, free_port()),
                 dir: tempfile::tempdir().context("make etcd's temporary dir")?,
             };
             match etcd.spawn() {
@@ -42,6 +49,11 @@ impl Etcd {
             }
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("etcd did not start")))
+    }
+
+    /// The place (namespace) etcd runs in; the cluster's other processes run there too.
+    pub fn place(&self) -> &crate::netns::Place {
+        &self.place
     }
 
     /// The client URL, e.g. `http://127.0.0.1:23790`.
@@ -127,7 +139,7 @@ impl Etcd {
             format!("http://{}", self.client),
             format!("http://{}", self.peer),
         );
-        let mut cmd = Command::new("etcd");
+        let mut cmd = self.place.command("etcd");
         cmd.args(["--name", "ferry-test"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -241,7 +253,7 @@ impl Coordinator {
         );
         std::fs::write(&config, text).context("write the coordinator config")?;
         let log = dir.join(format!("{id}.log"));
-        let mut cmd = Command::new(bin_path("coordinator"));
+        let mut cmd = etcd.place().command(bin_path("coordinator"));
         cmd.arg("--config")
             .arg(&config)
             .env(

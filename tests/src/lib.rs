@@ -2,6 +2,8 @@
 //! ports, run processes that are killed when the test ends.
 
 pub mod cluster;
+pub mod delay;
 pub mod dup;
 pub mod etcd;
+pub mod netns;
 pub mod procs;
