@@ -135,6 +135,7 @@ tr '\r' '\n' <"$run/benchmark.out" | grep "requests per second" | sed 's/^/   re
 
 echo "== the dup on bj: ferry dup list, then the shipper's per-partition view (/replica/duplication)"
 "$bin/ferry" -C "${coord[bj]}" dup list -t users
+"$bin/ferry" -C "${coord[bj]}" status | sed -n '/^TABLE/,$p'
 python3 - "$(curl -s "$ship_url/replica/duplication?appid=1")" <<'EOF'
 import json, sys
 rows = json.loads(sys.argv[1])["duplications"]

@@ -130,6 +130,31 @@ pub struct StatusView {
     pub tables: usize,
     /// Number of dups per status.
     pub dups: std::collections::BTreeMap<String, usize>,
+    /// Every live dup's progress per partition, as its shippers last wrote it to etcd.
+    #[serde(default)]
+    pub progress: Vec<ProgressView>,
+}
+
+/// One (dup, partition) in [`StatusView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressView {
+    pub table: String,
+    pub dupid: DupId,
+    pub remote: String,
+    /// The dup's status name.
+    pub status: String,
+    pub partition: u32,
+    /// Highest decree the target has made durable (0: nothing shipped yet).
+    pub confirmed_decree: u64,
+    /// The source partition's committed decree when the shipper last wrote progress.
+    pub committed_decree: u64,
+    /// `committed_decree - confirmed_decree`.
+    pub pending_mutations: u64,
+    /// 0 when nothing is pending; otherwise the age of the last confirmed write, in ms (an
+    /// upper bound of the lag; the shipper's `dup_lag_ms` is exact).
+    pub lag_ms: u64,
+    /// How old this record is, ms (a shipper writes it every `progress_interval` while shipping).
+    pub age_ms: u64,
 }
 
 /// One coordinator in the election (its election value).

@@ -415,6 +415,42 @@ fn render_status(s: &StatusView) -> String {
         })
         .collect();
     out.push_str(&table(&["NODE", "RESP", "RECEIVER", "HTTP"], rows));
+    if !s.progress.is_empty() {
+        out.push('\n');
+        let rows = s
+            .progress
+            .iter()
+            .map(|p| {
+                vec![
+                    p.table.clone(),
+                    p.dupid.to_string(),
+                    p.remote.clone(),
+                    p.status.clone(),
+                    p.partition.to_string(),
+                    p.confirmed_decree.to_string(),
+                    p.committed_decree.to_string(),
+                    p.pending_mutations.to_string(),
+                    p.lag_ms.to_string(),
+                    format!("{:.1}s", p.age_ms as f64 / 1000.0),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "TABLE",
+                "DUPID",
+                "REMOTE",
+                "STATUS",
+                "PARTITION",
+                "CONFIRMED",
+                "COMMITTED",
+                "PENDING",
+                "LAG_MS",
+                "UPDATED",
+            ],
+            rows,
+        ));
+    }
     out
 }
 

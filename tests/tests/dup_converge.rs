@@ -89,6 +89,32 @@ fn eight_source_partitions_converge_on_three_target_partitions() -> Result<()> {
     assert_eq!(entries, 30_007);
     let b = w.tj.digest()?;
     assert_eq!(b["partitions"].as_array().map(Vec::len), Some(3));
+    // `ferry status` on the source shows every partition's progress, caught up (the shipper
+    // writes it to etcd every 200 ms here).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st: serde_json::Value = serde_json::from_str(&w.bj.ferry_ok(&["--json", "status"])?)?;
+        let rows = st["progress"].as_array().cloned().unwrap_or_default();
+        let caught_up = rows.len() == 8
+            && rows.iter().all(|r| {
+                r["pending_mutations"] == 0
+                    && r["confirmed_decree"].as_u64().unwrap_or(0) > 0
+                    && r["lag_ms"] == 0
+            });
+        if caught_up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ferry status never caught up: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let human = w.bj.ferry_ok(&["status"])?;
+    assert!(
+        human.contains("PENDING") && human.contains("LAG_MS"),
+        "{human}"
+    );
     // Every target partition got its share of the keys.
     for p in b["partitions"].as_array().into_iter().flatten() {
         assert!(p["entries"].as_u64().unwrap_or(0) > 5_000, "{p}");

@@ -283,8 +283,38 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
         })
         .collect();
     let mut dups = std::collections::BTreeMap::new();
-    for (_, _, d) in meta.all_dups().await? {
+    let mut progress = Vec::new();
+    let now = crate::meta::now_ms();
+    for (table, dupid, d) in meta.all_dups().await? {
         *dups.entry(d.status.as_str().to_string()).or_insert(0) += 1;
+        let Ok(info) = meta.table(&table).await else {
+            continue;
+        };
+        for p in 0..info.partition_count {
+            let Some(pr) = meta
+                .progress(&table, dupid, ferry_proto::PartitionId(p))
+                .await?
+            else {
+                continue;
+            };
+            let pending = pr.committed_decree.0.saturating_sub(pr.confirmed_decree.0);
+            progress.push(crate::api::ProgressView {
+                table: table.clone(),
+                dupid,
+                remote: d.remote.clone(),
+                status: d.status.as_str().to_string(),
+                partition: p,
+                confirmed_decree: pr.confirmed_decree.0,
+                committed_decree: pr.committed_decree.0,
+                pending_mutations: pending,
+                lag_ms: if pending == 0 || pr.last_confirmed_timestamp_ms == 0 {
+                    0
+                } else {
+                    now.saturating_sub(pr.last_confirmed_timestamp_ms)
+                },
+                age_ms: now.saturating_sub(pr.updated_at_ms),
+            });
+        }
     }
     Ok(Json(StatusView {
         cluster: shared.config.cluster.name.clone(),
@@ -294,6 +324,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
         nodes: list_nodes(&meta).await?,
         tables: meta.list_tables().await?.len(),
         dups,
+        progress,
     }))
 }
 
