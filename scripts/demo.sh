@@ -135,7 +135,6 @@ tr '\r' '\n' <"$run/benchmark.out" | grep "requests per second" | sed 's/^/   re
 
 echo "== the dup on bj: ferry dup list, then the shipper's per-partition view (/replica/duplication)"
 "$bin/ferry" -C "${coord[bj]}" dup list -t users
-"$bin/ferry" -C "${coord[bj]}" status | sed -n '/^TABLE/,$p'
 python3 - "$(curl -s "$ship_url/replica/duplication?appid=1")" <<'EOF'
 import json, sys
 rows = json.loads(sys.argv[1])["duplications"]
@@ -163,6 +162,9 @@ for pa, pb in zip(a["partitions"], b["partitions"]):
     print(f"   {pa['partition']:>9}  {pa['entries']:>10}  {pa['digest']:>16}  {pb['entries']:>10}  {pb['digest']:>16}  {'yes' if same else 'NO'}")
 print(f"   {'all':>9}  {a['entries']:>10}  {a['content_hash']:>16}  {b['entries']:>10}  {b['content_hash']:>16}")
 EOF
+sleep 1.5 # the shippers write their progress to etcd every second
+echo "== ferry status of bj: each partition's progress, as etcd holds it"
+"$bin/ferry" -C "${coord[bj]}" status | sed -n '/^TABLE/,$p'
 if [ "$converged" -eq 1 ]; then
   echo "== OK: tj holds exactly bj's content (equal digests in every partition)"
 else
