@@ -23,6 +23,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
+use ferry_store::server::{listen_error, watch_signals};
 use quinn::{Endpoint, EndpointConfig, TokioRuntime, VarInt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +102,8 @@ pub struct Status {
 /// at once.
 pub async fn run(config: ReceiverConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let signals = watch_signals(shutdown.clone()).context("install the SIGTERM/SIGINT handlers")?;
+    let signals = watch_signals(shutdown.clone(), "inboxes are durable up to the last ack")
+        .context("install the SIGTERM/SIGINT handlers")?;
     let result = serve(config, shutdown).await;
     signals.abort();
     result
@@ -428,45 +430,6 @@ where
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-}
-
-fn listen_error(what: &str, flag: &str, addr: SocketAddr, e: &std::io::Error) -> anyhow::Error {
-    let hint = match e.kind() {
-        std::io::ErrorKind::AddrInUse => {
-            format!("another process uses it; stop that process or choose another {flag}")
-        }
-        std::io::ErrorKind::AddrNotAvailable => {
-            format!("no local interface has that address; choose another {flag}")
-        }
-        std::io::ErrorKind::PermissionDenied => {
-            format!("ports below 1024 need privileges; choose another {flag}")
-        }
-        _ => format!("check {flag}"),
-    };
-    anyhow!("cannot listen for {what} on {addr} ({e}); {hint}")
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT, and exits at once on the second.
-fn watch_signals(shutdown: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "shutting down");
-        shutdown.cancel();
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::warn!(
-            "second signal: exiting without waiting; inboxes are durable up to the last ack"
-        );
-        std::process::exit(130);
-    }))
 }
 
 #[cfg(test)]

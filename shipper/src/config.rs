@@ -23,13 +23,13 @@
 //! buffers cover its bandwidth-delay product.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
 use ferry_coordinator::config::{ClusterConfig, EtcdConfig};
+use ferry_store::server::config::one_line;
 use serde::{Deserialize, Serialize};
 
 /// Largest accepted `duplicate_log_batch_bytes`: a batch (plus one record that crosses the
@@ -258,7 +258,7 @@ impl ShipperConfig {
 
     /// Parses TOML text; does not validate. The error is the parser's message on one line.
     pub fn parse(text: &str) -> Result<ShipperConfig, String> {
-        toml::from_str(text).map_err(|e: toml::de::Error| one_line(&e, text))
+        toml::from_str(text).map_err(|e: toml::de::Error| one_line(&e, text).to_string())
     }
 
     /// Overrides keys with the flags that were given.
@@ -467,32 +467,6 @@ fn invalid(key: &str, reason: String) -> ConfigError {
         key: key.into(),
         reason,
     }
-}
-
-/// The parser's message on one line, with the offending line quoted.
-fn one_line(e: &toml::de::Error, text: &str) -> String {
-    struct OneLine<'a>(&'a toml::de::Error, &'a str);
-    impl fmt::Display for OneLine<'_> {
-        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            let msg = self.0.message().trim_end_matches('\n');
-            let Some(start) = self.0.span().map(|s| s.start) else {
-                return f.write_str(msg);
-            };
-            let before = self.1.get(..start).unwrap_or(self.1);
-            let line_no = before.matches('\n').count() + 1;
-            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-            let line = self
-                .1
-                .get(line_start..)
-                .unwrap_or_default()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim();
-            write!(f, "{msg} at line {line_no}: `{line}`")
-        }
-    }
-    OneLine(e, text).to_string()
 }
 
 #[cfg(test)]

@@ -413,40 +413,32 @@ impl Partition {
         Ok(n)
     }
 
-    /// Like [`Partition::digest`], but independent of the order of entries: the wrapping sum of
-    /// one FNV-1a hash per entry. Sums of several partitions add up, so two tables with
-    /// different partition counts can be compared. Returns (entries, sum).
-    pub fn content_hash(&self) -> Result<(u64, u64), StoreError> {
-        let mut n = 0u64;
-        let mut sum = 0u64;
+    /// Both digests of the partition's content in one scan (see [`Digests`]).
+    pub fn digests(&self) -> Result<Digests, StoreError> {
+        let mut d = Digests::default();
+        let mut ordered = Fnv64::default();
         for item in self.engine.scan_from(None) {
             let (key, raw) = item?;
-            let mut h = Fnv64::default();
-            h.write(&(key.len() as u64).to_le_bytes());
-            h.write(&key);
-            h.write(&(raw.len() as u64).to_le_bytes());
-            h.write(&raw);
-            sum = sum.wrapping_add(h.0);
-            n += 1;
+            let mut entry = Fnv64::default();
+            for h in [&mut ordered, &mut entry] {
+                h.write(&(key.len() as u64).to_le_bytes());
+                h.write(&key);
+                h.write(&(raw.len() as u64).to_le_bytes());
+                h.write(&raw);
+            }
+            d.unordered = d.unordered.wrapping_add(entry.0);
+            d.entries += 1;
         }
-        Ok((n, sum))
+        d.ordered = ordered.0;
+        Ok(d)
     }
 
     /// A digest of the partition's content: every stored entry (tombstones included) with its
     /// timetag, expiry and bytes, in key order. Two partitions with equal digests hold the same
     /// data. Returns (entries, digest).
     pub fn digest(&self) -> Result<(u64, u64), StoreError> {
-        let mut n = 0u64;
-        let mut h = Fnv64::default();
-        for item in self.engine.scan_from(None) {
-            let (key, raw) = item?;
-            h.write(&(key.len() as u64).to_le_bytes());
-            h.write(&key);
-            h.write(&(raw.len() as u64).to_le_bytes());
-            h.write(&raw);
-            n += 1;
-        }
-        Ok((n, h.0))
+        let d = self.digests()?;
+        Ok((d.entries, d.ordered))
     }
 
     /// Runs a full manual compaction (the tombstone filter runs during it).
@@ -983,6 +975,18 @@ fn parse_i64(v: &[u8]) -> Option<i64> {
         return None;
     }
     s.parse().ok()
+}
+
+/// What [`Partition::digests`] computes over every stored entry (key, timetag, expiry, value;
+/// tombstones included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Digests {
+    pub entries: u64,
+    /// FNV-1a over the entries in key order.
+    pub ordered: u64,
+    /// Wrapping sum of one FNV-1a per entry: independent of order, so sums over the partitions
+    /// of two tables with different partition counts can be compared.
+    pub unordered: u64,
 }
 
 /// FNV-1a, 64-bit: a stable, dependency-free digest for comparing partitions across clusters.

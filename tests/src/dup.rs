@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cluster::{ClusterNode, NodeSpec};
 use crate::etcd::{ferry, http_get, Coordinator, CoordinatorSpec, Etcd};
-use crate::procs::{bin_path, free_port, loopback, Proc};
+use crate::procs::{bin_path, free_port, Proc};
 
 /// The duplication group of every test cluster.
 pub const GROUP: &str = "{ bj = 1, tj = 2 }";
@@ -63,64 +63,7 @@ impl TwoClusters {
         node_toml: &str,
     ) -> Result<TwoClusters> {
         let etcd = Etcd::start()?;
-        let dir = tempfile::tempdir()?;
-        let certs = dir.path().join("certs");
-        let out = Command::new(bin_path("certs"))
-            .args(["init", "--out"])
-            .arg(&certs)
-            .args(["--cluster", "bj", "--cluster", "tj"])
-            .output()
-            .context("run certs init")?;
-        if !out.status.success() {
-            bail!(
-                "certs init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let (bj_addr, tj_addr) = (loopback(free_port()), loopback(free_port()));
-        let mut bj = Cluster::start(
-            &etcd,
-            dir.path(),
-            &certs,
-            "bj",
-            1,
-            bj_addr,
-            tj_addr,
-            table,
-            bj_partitions,
-            node_toml,
-        )?;
-        let mut tj = Cluster::start(
-            &etcd,
-            dir.path(),
-            &certs,
-            "tj",
-            2,
-            tj_addr,
-            bj_addr,
-            table,
-            tj_partitions,
-            node_toml,
-        )?;
-        for c in [&mut bj, &mut tj] {
-            c.ferry_ok(&[
-                "table",
-                "create",
-                table,
-                "--partitions",
-                &c.node.spec.partitions.to_string(),
-            ])?;
-        }
-        for c in [&mut bj, &mut tj] {
-            c.node.wait_stage("serving", Duration::from_secs(30))?;
-        }
-        Ok(TwoClusters {
-            etcd,
-            tj_etcd: None,
-            dir,
-            bj,
-            tj,
-        })
+        TwoClusters::start_on(etcd, None, table, bj_partitions, tj_partitions, node_toml)
     }
 
     /// bj here, tj across `wan` (inside its namespace, with its own etcd there): every packet
@@ -131,9 +74,21 @@ impl TwoClusters {
         tj_partitions: u32,
         wan: &crate::netns::Wan,
     ) -> Result<TwoClusters> {
-        let near = wan.near();
-        let etcd = Etcd::start_in(&near)?;
+        let etcd = Etcd::start_in(&wan.near())?;
         let tj_etcd = Etcd::start_in(&wan.far())?;
+        TwoClusters::start_on(etcd, Some(tj_etcd), table, bj_partitions, tj_partitions, "")
+    }
+
+    /// Starts bj with `etcd` and tj with `tj_etcd` (or the same one), each cluster where its
+    /// etcd runs, and creates the table on both.
+    fn start_on(
+        etcd: Etcd,
+        tj_etcd: Option<Etcd>,
+        table: &str,
+        bj_partitions: u32,
+        tj_partitions: u32,
+        node_toml: &str,
+    ) -> Result<TwoClusters> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
         let out = Command::new(bin_path("certs"))
@@ -148,32 +103,25 @@ impl TwoClusters {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let bj_addr = SocketAddr::new(near.ip, free_port());
-        let tj_addr = SocketAddr::new(wan.far().ip, free_port());
-        let mut bj = Cluster::start(
-            &etcd,
-            dir.path(),
-            &certs,
-            "bj",
-            1,
-            bj_addr,
-            tj_addr,
-            table,
-            bj_partitions,
-            "",
-        )?;
-        let mut tj = Cluster::start(
-            &tj_etcd,
-            dir.path(),
-            &certs,
-            "tj",
-            2,
-            tj_addr,
-            bj_addr,
-            table,
-            tj_partitions,
-            "",
-        )?;
+        let tj_side = tj_etcd.as_ref().unwrap_or(&etcd);
+        let bj_addr = SocketAddr::new(etcd.place().ip, free_port());
+        let tj_addr = SocketAddr::new(tj_side.place().ip, free_port());
+        let start = |etcd: &Etcd, name: &str, id, addr, remote, partitions| {
+            Cluster::start(
+                etcd,
+                dir.path(),
+                &certs,
+                name,
+                id,
+                addr,
+                remote,
+                table,
+                partitions,
+                node_toml,
+            )
+        };
+        let mut bj = start(&etcd, "bj", 1, bj_addr, tj_addr, bj_partitions)?;
+        let mut tj = start(tj_side, "tj", 2, tj_addr, bj_addr, tj_partitions)?;
         for c in [&mut bj, &mut tj] {
             c.ferry_ok(&[
                 "table",
@@ -188,7 +136,7 @@ impl TwoClusters {
         }
         Ok(TwoClusters {
             etcd,
-            tj_etcd: Some(tj_etcd),
+            tj_etcd,
             dir,
             bj,
             tj,
@@ -282,15 +230,7 @@ impl Cluster {
     /// Starts (or restarts) the receiver and waits until it serves. Ports picked by
     /// `free_port` can be taken by another process meanwhile: then new ones are tried.
     pub fn start_receiver(&mut self) -> Result<()> {
-        for _ in 0..3 {
-            match self.try_start_receiver() {
-                Err(e) if e.to_string().contains("already in use") => {
-                    self.receiver_http = SocketAddr::new(self.place.ip, free_port());
-                }
-                other => return other,
-            }
-        }
-        self.try_start_receiver()
+        self.retry_port_in_use(Cluster::try_start_receiver, |c| &mut c.receiver_http)
     }
 
     fn try_start_receiver(&mut self) -> Result<()> {
@@ -328,15 +268,25 @@ impl Cluster {
     /// Starts (or restarts) the shipper and waits until its HTTP port answers (new ports if
     /// the picked one was taken meanwhile).
     pub fn start_shipper(&mut self) -> Result<()> {
+        self.retry_port_in_use(Cluster::try_start_shipper, |c| &mut c.shipper_http)
+    }
+
+    /// Runs `start`; while it fails because the port `port` names was taken meanwhile (a
+    /// `free_port` race), picks another and tries again, up to 4 times in all.
+    fn retry_port_in_use(
+        &mut self,
+        start: fn(&mut Cluster) -> Result<()>,
+        port: fn(&mut Cluster) -> &mut SocketAddr,
+    ) -> Result<()> {
         for _ in 0..3 {
-            match self.try_start_shipper() {
+            match start(self) {
                 Err(e) if e.to_string().contains("already in use") => {
-                    self.shipper_http = SocketAddr::new(self.place.ip, free_port());
+                    *port(self) = SocketAddr::new(self.place.ip, free_port());
                 }
                 other => return other,
             }
         }
-        self.try_start_shipper()
+        start(self)
     }
 
     fn try_start_shipper(&mut self) -> Result<()> {
@@ -444,6 +394,20 @@ impl Cluster {
             .into_iter()
             .flatten()
             .filter_map(|p| p["committed_decree"].as_u64())
+            .sum())
+    }
+
+    /// The sum of every sample of metric `name` (exact name, any labels) on the shipper's
+    /// `/metrics`.
+    pub fn shipper_metric(&self, name: &str) -> Result<f64> {
+        let (status, text) = http_get(self.shipper_http, "/metrics")?;
+        if status != 200 {
+            bail!("the shipper's /metrics answered {status}: {text}");
+        }
+        Ok(text
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
     }
 

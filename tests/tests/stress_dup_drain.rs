@@ -78,19 +78,8 @@ fn stress_dup_drain_rate_vs_node_ingest() -> Result<()> {
     let drain = t.elapsed();
     let entries = wait_converged(&w.bj, &w.tj, Duration::from_secs(600))?;
     assert_eq!(entries, n);
-    let (status, metrics) = ferry_tests::etcd::http_get(w.bj.shipper_http, "/metrics")?;
-    assert_eq!(status, 200);
-    let total = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let (wire, raw) = (
-        total("dup_shipped_bytes_total"),
-        total("dup_shipped_raw_bytes_total"),
-    );
+    let wire = w.bj.shipper_metric("dup_shipped_bytes_total")?;
+    let raw = w.bj.shipper_metric("dup_shipped_raw_bytes_total")?;
     let ingest_rate = n as f64 / ingest.as_secs_f64();
     let drain_rate = n as f64 / drain.as_secs_f64();
     eprintln!(

@@ -366,7 +366,7 @@ fn check_name(key: &'static str, name: &str) -> Result<(), ConfigError> {
 
 /// toml's errors span several lines (with a source excerpt); a start-up error is one sentence
 /// that still shows the offending line, so the key is named.
-fn one_line<'a>(e: &'a toml::de::Error, text: &'a str) -> impl fmt::Display + 'a {
+pub fn one_line<'a>(e: &'a toml::de::Error, text: &'a str) -> impl fmt::Display + 'a {
     struct OneLine<'a>(&'a toml::de::Error, &'a str);
     impl fmt::Display for OneLine<'_> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

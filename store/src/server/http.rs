@@ -112,14 +112,13 @@ async fn digest(State(s): State<HttpState>) -> axum::response::Response {
         };
         let mut sum = 0u64;
         for p in node.table.partitions() {
-            let (n, d) = p.digest().map_err(|e| e.to_string())?;
-            let (_, h) = p.content_hash().map_err(|e| e.to_string())?;
-            sum = sum.wrapping_add(h);
-            out.entries += n;
+            let d = p.digests().map_err(|e| e.to_string())?;
+            sum = sum.wrapping_add(d.unordered);
+            out.entries += d.entries;
             out.partitions.push(PartitionDigest {
                 partition: p.id().0,
-                entries: n,
-                digest: format!("{d:016x}"),
+                entries: d.entries,
+                digest: format!("{:016x}", d.ordered),
                 committed_decree: p.committed_decree().0,
             });
         }

@@ -148,7 +148,8 @@ impl StageCell {
 /// once.
 pub async fn run(config: NodeConfig) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let signals = watch_signals(shutdown.clone()).context("install the SIGTERM/SIGINT handlers")?;
+    let signals = watch_signals(shutdown.clone(), "the next start replays the plogs")
+        .context("install the SIGTERM/SIGINT handlers")?;
     let result = serve(config, shutdown).await;
     signals.abort();
     result
@@ -359,7 +360,8 @@ async fn close_table(table: Table) {
     tracing::info!(elapsed_ms = t.elapsed().as_millis() as u64, "table closed");
 }
 
-fn listen_error(what: &str, flag: &str, addr: SocketAddr, e: &std::io::Error) -> anyhow::Error {
+/// A bind failure as one sentence with what to do (shared by every ferry server process).
+pub fn listen_error(what: &str, flag: &str, addr: SocketAddr, e: &std::io::Error) -> anyhow::Error {
     let hint = match e.kind() {
         std::io::ErrorKind::AddrInUse => {
             format!("another process uses it; stop that process or choose another {flag}")
@@ -375,8 +377,12 @@ fn listen_error(what: &str, flag: &str, addr: SocketAddr, e: &std::io::Error) ->
     anyhow!("cannot listen for {what} on {addr} ({e}); {hint}")
 }
 
-/// Cancels `shutdown` on the first SIGTERM or SIGINT, and exits at once on the second.
-fn watch_signals(shutdown: CancellationToken) -> std::io::Result<tokio::task::JoinHandle<()>> {
+/// Cancels `shutdown` on the first SIGTERM or SIGINT, and exits at once on the second, logging
+/// `on_second` (what that costs, e.g. "the next start replays the plogs").
+pub fn watch_signals(
+    shutdown: CancellationToken,
+    on_second: &'static str,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -391,7 +397,7 @@ fn watch_signals(shutdown: CancellationToken) -> std::io::Result<tokio::task::Jo
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        tracing::warn!("second signal: exiting without waiting; the next start replays the plogs");
+        tracing::warn!("second signal: exiting without waiting; {on_second}");
         std::process::exit(130);
     }))
 }
