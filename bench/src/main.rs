@@ -4,6 +4,11 @@
 //! `bench node-vs-redis` runs `redis-benchmark` against a ferry `node` and against `redis-server
 //! --appendonly yes --appendfsync always` (Redis's strongest durability), with the same
 //! arguments, alternating the two targets for `--rounds` rounds.
+//!
+//! `bench dup` measures incremental duplication between two local clusters against the node's
+//! own maximum ingest (see [`dup`]).
+
+mod dup;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -46,10 +51,57 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Incremental duplication: throughput, MB/s raw and on the wire, per-write lag p50/p99 at
+    /// shares of the node's own maximum ingest, and the drain rate of a backlog.
+    Dup {
+        /// Partitions of the table on both sides.
+        #[arg(long, default_value_t = 8)]
+        partitions: u32,
+        /// Seconds of paced load per share.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Link round-trip times to measure, in ms (0 = loopback; more: a delaying UDP relay).
+        #[arg(long, value_delimiter = ',', default_value = "0,50")]
+        rtt_ms: Vec<u64>,
+        /// Load as percentages of the node's measured maximum ingest.
+        #[arg(long, value_delimiter = ',', default_value = "50,100")]
+        loads: Vec<u32>,
+        /// Shipper congestion controllers to compare (cubic, bbr, newreno).
+        #[arg(long, value_delimiter = ',', default_value = "cubic")]
+        congestion: Vec<String>,
+        /// Writes that measure the node's maximum ingest.
+        #[arg(long, default_value_t = 300_000)]
+        baseline_writes: u64,
+        /// Backlog written while the dup is paused, then drained (0 = skip).
+        #[arg(long, default_value_t = 1_000_000)]
+        drain: u64,
+        /// bj (node, shipper, the load) on CPU 0 and tj (node, receiver) on CPU 1.
+        #[arg(long)]
+        pin: bool,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Dup {
+            partitions,
+            seconds,
+            rtt_ms,
+            loads,
+            congestion,
+            baseline_writes,
+            drain,
+            pin,
+        } => dup::run(&dup::DupArgs {
+            partitions,
+            seconds,
+            rtts_ms: rtt_ms,
+            loads_pct: loads,
+            congestion,
+            baseline_writes,
+            drain_writes: drain,
+            pin,
+        }),
         Cmd::NodeVsRedis {
             requests,
             clients,

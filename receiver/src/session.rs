@@ -32,9 +32,10 @@ use crate::fence::{FenceKey, Refusal, StopSignal};
 use crate::route;
 use crate::server::Context;
 
-/// Batches unpacked ahead of the one being written: enough to keep the disk busy while the next
-/// batch is decompressed, small enough to bound memory to a few batches per session.
-const PIPELINE: usize = 2;
+/// Batches unpacked ahead of the one being written: they keep the disk busy while the next batch
+/// is decompressed, and are merged into the next write (one fsync per target partition for all
+/// of them). Small enough to bound memory to a few batches per session.
+const PIPELINE: usize = 4;
 /// How long a new stream may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the final `Error` frame may take to be written before the stream is dropped.
@@ -102,13 +103,39 @@ enum Work {
     End(End),
 }
 
-/// A batch unpacked and split by target partition.
+/// A batch unpacked and split by target partition; possibly several consecutive batches merged
+/// (see [`Unpacked::absorb`]).
 struct Unpacked {
     first: Decree,
     last: Decree,
     count: u32,
     raw_len: u32,
+    /// How many wire batches this holds.
+    batches: u64,
     parts: Vec<Vec<PlogRecord>>,
+}
+
+impl Unpacked {
+    /// Appends the batch that directly follows this one, so that both reach the disk with one
+    /// fsync per target partition (group commit across the batches queued behind a write).
+    /// Gives `next` back when it does not follow directly; the gap check then sees it alone.
+    fn absorb(&mut self, next: Unpacked) -> Result<(), Unpacked> {
+        let follows = self.count > 0
+            && next.count > 0
+            && next.first.0 == self.last.0 + 1
+            && next.parts.len() == self.parts.len();
+        if !follows {
+            return Err(next);
+        }
+        self.last = next.last;
+        self.count = self.count.saturating_add(next.count);
+        self.raw_len = self.raw_len.saturating_add(next.raw_len);
+        self.batches += next.batches;
+        for (mine, theirs) in self.parts.iter_mut().zip(next.parts) {
+            mine.extend(theirs);
+        }
+        Ok(())
+    }
 }
 
 struct Session {
@@ -332,11 +359,16 @@ impl Session {
             read_loop(self.ctx.clone(), recv, frames, tx, partition_count)
                 .instrument(tracing::Span::current()),
         ));
+        // Work taken from the queue while merging batches, to be handled next.
+        let mut held: Option<Work> = None;
         let end = loop {
-            let work = tokio::select! {
-                biased;
-                _ = open.stop.stopped() => break End::Stopped(open.stop.reason()),
-                w = rx.recv() => w,
+            let work = match held.take() {
+                Some(w) => Some(w),
+                None => tokio::select! {
+                    biased;
+                    _ = open.stop.stopped() => break End::Stopped(open.stop.reason()),
+                    w = rx.recv() => w,
+                },
             };
             match work {
                 None => break End::Lost("the stream reader ended".into()),
@@ -349,7 +381,22 @@ impl Session {
                         break end;
                     }
                 }
-                Some(Work::Batch(b)) => {
+                Some(Work::Batch(mut b)) => {
+                    // Batches already unpacked behind this one are written with it.
+                    while let Ok(w) = rx.try_recv() {
+                        match w {
+                            Work::Batch(next) => {
+                                if let Err(next) = b.absorb(next) {
+                                    held = Some(Work::Batch(next));
+                                    break;
+                                }
+                            }
+                            other => {
+                                held = Some(other);
+                                break;
+                            }
+                        }
+                    }
                     if let Err(end) = self.write_batch(&mut open, b).await {
                         break end;
                     }
@@ -391,7 +438,7 @@ impl Session {
         let m = &self.ctx.metrics;
         m.inbox_write_seconds
             .observe(started.elapsed().as_secs_f64());
-        m.batches.inc();
+        m.batches.inc_by(b.batches);
         m.records.inc_by(u64::from(b.count));
         m.raw_bytes(b.raw_len as usize);
         open.confirmed = confirmed;
@@ -563,6 +610,7 @@ fn unpack(batch: wire::Batch, max_raw: usize, partition_count: u32) -> Result<Un
         last: batch.last_decree,
         count: batch.count,
         raw_len: batch.raw_len,
+        batches: 1,
         parts: route::split(records, partition_count),
     })
 }
@@ -835,6 +883,54 @@ mod tests {
         buf.extend(&[3]);
         let e = buf.next_frame().expect_err("too large");
         assert_eq!(e.code(), ErrorCode::MALFORMED);
+    }
+
+    fn unpacked(first: u64, last: u64) -> Unpacked {
+        let c = ClusterId::new(1).expect("valid");
+        let records: Vec<PlogRecord> = (first..=last)
+            .map(|d| PlogRecord {
+                decree: Decree(d),
+                timetag: Timetag::new(d, c, false),
+                ops: vec![Op::Delete {
+                    key: format!("k{d}").into_bytes(),
+                }],
+            })
+            .collect();
+        Unpacked {
+            first: Decree(first),
+            last: Decree(last),
+            count: (last - first + 1) as u32,
+            raw_len: 10,
+            batches: 1,
+            parts: route::split(records, 3),
+        }
+    }
+
+    #[test]
+    fn only_a_directly_following_batch_is_merged() {
+        let mut a = unpacked(1, 4);
+        assert!(a.absorb(unpacked(5, 9)).is_ok());
+        assert_eq!(
+            (a.first, a.last, a.count, a.batches),
+            (Decree(1), Decree(9), 9, 2)
+        );
+        for part in &a.parts {
+            let decrees: Vec<u64> = part.iter().map(|r| r.decree.0).collect();
+            assert_eq!(
+                decrees,
+                (1..=9).collect::<Vec<_>>(),
+                "every inbox stays contiguous"
+            );
+        }
+        let ops: usize = a.parts.iter().flatten().map(|r| r.ops.len()).sum();
+        assert_eq!(ops, 9, "each write lands in exactly one target partition");
+        let back = a.absorb(unpacked(11, 12)).expect_err("a gap is not merged");
+        assert_eq!(back.first, Decree(11));
+        assert!(
+            a.absorb(unpacked(9, 12)).is_err(),
+            "an overlap is not merged"
+        );
+        assert_eq!(a.last, Decree(9));
     }
 
     #[test]

@@ -36,6 +36,8 @@ impl TrackedBatch {
 pub struct AckLag {
     /// Per batch completed by the ack: now − commit time of its last record, in ms.
     pub batch_lags_ms: Vec<u64>,
+    /// Per record confirmed by the ack: now − its commit time, in µs.
+    pub write_lags_us: Vec<u64>,
     /// Records confirmed by the ack whose own lag exceeds the threshold.
     pub lagging_writes: u64,
     /// Records confirmed by the ack.
@@ -81,6 +83,7 @@ impl LagTracker {
                     break;
                 };
                 out.confirmed_records += 1;
+                out.write_lags_us.push(now_us.saturating_sub(t));
                 if ms_between(t, now_us) > threshold_ms {
                     out.lagging_writes += 1;
                 }
@@ -199,6 +202,11 @@ mod tests {
         // (11..7 s), 6 and 7 do not (6 s, 5 s).
         let a = t.on_ack(Decree(7), 12_000_000, 6_500);
         assert_eq!(a.batch_lags_ms, vec![7_000]);
+        assert_eq!(
+            a.write_lags_us,
+            vec![11_000_000, 10_000_000, 9_000_000, 8_000_000, 7_000_000, 6_000_000, 5_000_000],
+            "one per confirmed record, oldest first"
+        );
         assert_eq!(a.confirmed_records, 7);
         assert_eq!(a.lagging_writes, 5);
         assert_eq!(t.oldest_unconfirmed_us(), Some(8_000_000));

@@ -354,7 +354,7 @@ async fn ship(ctx: &SessionCtx, carry: &mut Carry) -> Failure {
                 ));
             }
             if let Err(e) = timed_send(&mut send, &frame, s.ack_timeout).await {
-                return Failure::Transport(e);
+                return send_failed(&mut frames, &addr, e, true).await;
             }
             last_send = Instant::now();
             if let Err(e) = window.on_sent(first, last, wire_len, last_send) {
@@ -375,7 +375,7 @@ async fn ship(ctx: &SessionCtx, carry: &mut Carry) -> Failure {
                 committed_decree: committed.decree,
             });
             if let Err(e) = timed_send(&mut send, &hb, s.ack_timeout).await {
-                return Failure::Transport(e);
+                return send_failed(&mut frames, &addr, e, window.in_flight_batches() > 0).await;
             }
             last_send = now;
         }
@@ -429,6 +429,10 @@ fn on_confirmed(ctx: &SessionCtx, tracker: &mut LagTracker, confirmed: Decree, t
     let h = m.time_lag.get_or_create(l);
     for ms in lag.batch_lags_ms {
         h.observe(ms as f64);
+    }
+    let h = m.write_lag.get_or_create(l);
+    for us in lag.write_lags_us {
+        h.observe(us as f64 / 1000.0);
     }
     let ts = tracker.last_confirmed_us().unwrap_or(0);
     {
@@ -494,6 +498,31 @@ fn refused(addr: &str, e: &wire::Error, batch_in_flight: bool) -> Failure {
         }
         _ => Failure::Transport(msg),
     }
+}
+
+/// How long to wait for the receiver's `Error` frame after it stopped the stream.
+const REASON_WAIT: Duration = Duration::from_secs(1);
+
+/// Sending failed. A receiver that ends a session stops the stream and then says why in an
+/// `Error` frame; if that frame comes, the failure is classified by its code (a stale token is
+/// `Fenced`, a bad batch counts against the batch), else it is a transport failure.
+async fn send_failed(
+    frames: &mut crate::quic::FrameReader,
+    addr: &str,
+    error: String,
+    batch_in_flight: bool,
+) -> Failure {
+    // Bounded: at most a window of acks can precede the reason.
+    for _ in 0..64 {
+        match tokio::time::timeout(REASON_WAIT, frames.recv()).await {
+            // Acks written before the stop carry nothing the next session would not learn
+            // from the Welcome.
+            Ok(Ok(Frame::Ack(_))) => continue,
+            Ok(Ok(Frame::Error(e))) => return refused(addr, &e, batch_in_flight),
+            _ => return Failure::Transport(error),
+        }
+    }
+    Failure::Transport(error)
 }
 
 async fn timed_send(

@@ -99,6 +99,7 @@ pub async fn run(
             TermEnd::Lost(why) => {
                 tracing::warn!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, %why, "lost the shipping election; stopped shipping this partition");
                 shared.board.with(&key, |e| {
+                    e.state = State::Campaigning;
                     e.last_error = Some(why);
                     e.fencing_token = None;
                 });

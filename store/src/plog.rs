@@ -430,7 +430,18 @@ impl PlogReader {
                 self.seg = Some(self.locate()?);
             }
             let Some(seg) = self.seg.as_mut() else { break };
-            let want = max_bytes.saturating_sub(bytes).clamp(64 << 10, 8 << 20);
+            // No bigger than what the segment holds past `pos`: a zeroed buffer of the full
+            // allowance for a few new records cost more than reading them.
+            let avail = seg
+                .file
+                .metadata()
+                .map_err(|e| StoreError::io("stat plog segment", &seg.path, e))?
+                .len()
+                .saturating_sub(seg.pos);
+            let want = max_bytes
+                .saturating_sub(bytes)
+                .clamp(64 << 10, 8 << 20)
+                .min(usize::try_from(avail).unwrap_or(usize::MAX));
             let mut buf = vec![0u8; want];
             let n = read_at(&seg.file, &mut buf, seg.pos)
                 .map_err(|e| StoreError::io("read plog segment", &seg.path, e))?;

@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -33,6 +35,8 @@ pub struct Cluster {
     pub receiver_advertise: Option<SocketAddr>,
     /// The other cluster's coordinator address.
     pub remote: SocketAddr,
+    /// More lines for the shipper's `[shipper]` section (applied at its next start).
+    pub shipper_toml: String,
     dir: PathBuf,
     etcd_endpoint: String,
     certs: PathBuf,
@@ -196,6 +200,7 @@ impl Cluster {
             shipper_http: SocketAddr::new(etcd.place().ip, free_port()),
             place: etcd.place().clone(),
             receiver_advertise: None,
+            shipper_toml: String::new(),
             remote,
             dir: dir.to_path_buf(),
             etcd_endpoint: etcd.endpoint(),
@@ -250,19 +255,26 @@ impl Cluster {
                 self.certs.display(),
             ),
         )?;
-        let mut cmd = self.place.command(bin_path("receiver"));
+        let proc = self.spawn_serving("receiver", "receiver", &config, self.receiver_http)?;
+        self.receiver = Some(proc);
+        Ok(())
+    }
+
+    /// Starts `bin` with `--config config`, logging to `<cluster>-<log>.log`, and waits until
+    /// its HTTP port `http` answers.
+    fn spawn_serving(&self, bin: &str, log: &str, config: &Path, http: SocketAddr) -> Result<Proc> {
+        let mut cmd = self.place.command(bin_path(bin));
         cmd.arg("--config")
-            .arg(&config)
+            .arg(config)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::from(self.log("receiver")?));
-        let mut proc = Proc::spawn(&format!("{}-receiver", self.name), &mut cmd)?;
-        wait_serving(&mut proc, self.receiver_http, || self.log_text("receiver"))?;
-        self.receiver = Some(proc);
-        Ok(())
+            .stderr(Stdio::from(self.log(log)?));
+        let mut proc = Proc::spawn(&format!("{}-{log}", self.name), &mut cmd)?;
+        wait_serving(&mut proc, http, || self.log_text(log))?;
+        Ok(proc)
     }
 
     /// Starts (or restarts) the shipper and waits until its HTTP port answers (new ports if
@@ -298,26 +310,17 @@ impl Cluster {
                 "{}[remote_clusters]\n{remote_name} = [\"{}\"]\n\n[shipper]\nnode = \"{}\"\n\
                  data_dir = \"{}\"\ncerts_dir = \"{}\"\nhttp_addr = \"{}\"\nlease_ttl = \"2s\"\n\
                  etcd_timeout = \"1s\"\nprogress_interval = \"200ms\"\nreconcile_interval = \"300ms\"\n\
-                 bandwidth_mbps = 1000\nrtt_ms = 5\n",
+                 bandwidth_mbps = 1000\nrtt_ms = 5\n{}\n",
                 self.cluster_section(),
                 self.remote,
                 self.node.spec.name,
                 self.node.data_dir.display(),
                 self.certs.display(),
                 self.shipper_http,
+                self.shipper_toml,
             ),
         )?;
-        let mut cmd = self.place.command(bin_path("shipper"));
-        cmd.arg("--config")
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(self.log("shipper")?));
-        let mut proc = Proc::spawn(&format!("{}-shipper", self.name), &mut cmd)?;
-        wait_serving(&mut proc, self.shipper_http, || self.log_text("shipper"))?;
+        let proc = self.spawn_serving("shipper", "shipper", &config, self.shipper_http)?;
         self.shipper = Some(proc);
         Ok(())
     }
@@ -464,4 +467,128 @@ pub fn wait_converged(a: &Cluster, b: &Cluster, timeout: Duration) -> Result<u64
         std::thread::sleep(Duration::from_millis(200));
     }
     bail!("not converged after {timeout:?}: {last}")
+}
+
+impl Cluster {
+    /// Starts one more shipper of this cluster beside [`Cluster::shipper`]: same node, plog
+    /// and certificates, the config `start_shipper` last wrote with only its own HTTP port and,
+    /// if `etcd_endpoint` is given, that etcd URL instead of the cluster's (a relay a test can
+    /// cut). Config `<cluster>-<name>.toml`, log `<cluster>-<name>.log` (see
+    /// [`Cluster::log_text`]). Returns the process and its HTTP address once it runs; new ports
+    /// are tried if the picked one was taken meanwhile.
+    pub fn spawn_extra_shipper(
+        &self,
+        name: &str,
+        etcd_endpoint: Option<&str>,
+    ) -> Result<(Proc, SocketAddr)> {
+        // Derived from the harness shipper's file, so both stay configured alike.
+        let base_path = self.dir.join(format!("{}-shipper.toml", self.name));
+        let base = std::fs::read_to_string(&base_path)
+            .with_context(|| format!("read {} (start_shipper writes it)", base_path.display()))?;
+        let config = self.dir.join(format!("{}-{name}.toml", self.name));
+        let mut last = None;
+        for _ in 0..4 {
+            let http = SocketAddr::new(self.place.ip, free_port());
+            let mut text = replace_line(&base, "http_addr = ", &format!("http_addr = \"{http}\""))?;
+            if let Some(url) = etcd_endpoint {
+                text = replace_line(&text, "endpoints = ", &format!("endpoints = [\"{url}\"]"))?;
+            }
+            std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
+            match self.spawn_serving("shipper", name, &config, http) {
+                Ok(proc) => return Ok((proc, http)),
+                Err(e) if e.to_string().contains("already in use") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("the extra shipper {name} did not start")))
+    }
+}
+
+/// `text` with its one line that starts with `prefix` replaced by `line`; an error if not
+/// exactly one line does.
+fn replace_line(text: &str, prefix: &str, line: &str) -> Result<String> {
+    let hits = text.lines().filter(|l| l.starts_with(prefix)).count();
+    if hits != 1 {
+        bail!("expected one line starting with `{prefix}` in the shipper's config, found {hits}");
+    }
+    let mut out: String = text
+        .lines()
+        .map(|l| if l.starts_with(prefix) { line } else { l })
+        .collect::<Vec<_>>()
+        .join("\n");
+    out.push('\n');
+    Ok(out)
+}
+
+/// A client writing `<prefix><i>` = `value-<i>` to a cluster in pipelines of 50, `pause`
+/// between pipelines, counting what was acknowledged, until stopped (or 300 s).
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Writer {
+    pub fn start(c: &Cluster, prefix: &str, pause: Duration) -> Result<Writer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(AtomicU64::new(0));
+        let mut con = c.redis()?;
+        let prefix = prefix.to_string();
+        let thread = {
+            let (stop, acked) = (stop.clone(), acked.clone());
+            std::thread::spawn(move || -> Result<()> {
+                let deadline = Instant::now() + Duration::from_secs(300);
+                let mut next = 0u64;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let mut pipe = redis::pipe();
+                    for i in next..next + 50 {
+                        pipe.cmd("SET")
+                            .arg(format!("{prefix}{i}"))
+                            .arg(format!("value-{i}"))
+                            .ignore();
+                    }
+                    pipe.query::<()>(&mut con)?;
+                    next += 50;
+                    acked.store(next, Ordering::Relaxed);
+                    std::thread::sleep(pause);
+                }
+                Ok(())
+            })
+        };
+        Ok(Writer {
+            stop,
+            acked,
+            thread,
+        })
+    }
+
+    /// Writes acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Stops it; the number of acknowledged writes.
+    pub fn stop(self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+        Ok(self.acked.load(Ordering::Relaxed))
+    }
+}
+
+/// Every key a [`Writer`] with `prefix` had acknowledged (`n` of them) reads back from `c` with
+/// its value.
+pub fn check_written(c: &Cluster, prefix: &str, n: u64) -> Result<()> {
+    let mut con = c.redis()?;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let keys: Vec<String> = chunk.iter().map(|i| format!("{prefix}{i}")).collect();
+        let got: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut con)?;
+        for (i, v) in chunk.iter().zip(got) {
+            if v.as_deref() != Some(format!("value-{i}").as_str()) {
+                bail!("{prefix}{i} on {} is {v:?}, not value-{i}", c.name);
+            }
+        }
+    }
+    Ok(())
 }

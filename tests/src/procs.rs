@@ -12,10 +12,13 @@ use anyhow::{bail, Context, Result};
 /// Tests live in `target/<profile>/deps/`; binaries in `target/<profile>/`.
 pub fn bin_path(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test knows its own path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
+    // Tests live in target/<profile>/deps, `bench` beside the binaries in target/<profile>.
+    let parent = exe.parent().expect("a binary lives in a directory");
+    let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+        parent.parent().expect("target/<profile>/deps has a parent")
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

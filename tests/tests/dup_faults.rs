@@ -2,13 +2,11 @@
 //! writes, several rounds: afterwards the target holds exactly the source's content, so no
 //! acknowledged write is missing.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use ferry_tests::dup::{wait_converged, TwoClusters};
+use ferry_tests::dup::{check_written, wait_converged, TwoClusters, Writer};
 
 const ROUNDS: usize = 3;
 
@@ -18,30 +16,7 @@ fn killing_shipper_receiver_and_target_node_under_load_loses_no_acknowledged_wri
     w.bj.add_dup("users", "tj")?;
 
     // A writer on the source: pipelines of 50 SETs, counting what was acknowledged.
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, acked) = (stop.clone(), acked.clone());
-        let mut con = w.bj.redis()?;
-        std::thread::spawn(move || -> Result<()> {
-            let deadline = Instant::now() + Duration::from_secs(300);
-            let mut next = 0u64;
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let mut pipe = redis::pipe();
-                for i in next..next + 50 {
-                    pipe.cmd("SET")
-                        .arg(format!("f:{i}"))
-                        .arg(format!("value-{i}"))
-                        .ignore();
-                }
-                pipe.query::<()>(&mut con)?;
-                next += 50;
-                acked.store(next, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Ok(())
-        })
-    };
+    let writer = Writer::start(&w.bj, "f:", Duration::from_millis(2))?;
 
     let pause = || std::thread::sleep(Duration::from_millis(700));
     for round in 0..ROUNDS {
@@ -58,27 +33,16 @@ fn killing_shipper_receiver_and_target_node_under_load_loses_no_acknowledged_wri
         w.tj.restart_node(etcd)?;
         eprintln!(
             "round {round}: {} writes acknowledged so far",
-            acked.load(Ordering::Relaxed)
+            writer.acked()
         );
     }
     pause();
-    stop.store(true, Ordering::Relaxed);
-    writer
-        .join()
-        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
-    let total = acked.load(Ordering::Relaxed);
+    let total = writer.stop()?;
     let entries = wait_converged(&w.bj, &w.tj, Duration::from_secs(120))?;
     eprintln!("{total} acknowledged writes; both clusters hold {entries} entries");
     assert_eq!(entries, total);
 
     // And every acknowledged write reads back on the target with its value.
-    let mut tcon = w.tj.redis()?;
-    for chunk in (0..total).collect::<Vec<_>>().chunks(1000) {
-        let keys: Vec<String> = chunk.iter().map(|i| format!("f:{i}")).collect();
-        let got: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut tcon)?;
-        for (i, v) in chunk.iter().zip(got) {
-            assert_eq!(v, Some(format!("value-{i}")), "f:{i} on the target");
-        }
-    }
+    check_written(&w.tj, "f:", total)?;
     Ok(())
 }
