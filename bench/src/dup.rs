@@ -124,10 +124,7 @@ fn measure(
     rtt_ms: u64,
     cc: &str,
 ) -> Result<Vec<Row>> {
-    w.bj.shipper_toml = format!("congestion = \"{cc}\"\n");
-    if rtt_ms > 0 {
-        w.bj.shipper_toml += &format!("rtt_ms = {rtt_ms}\n");
-    }
+    w.bj.shipper_toml = format!("congestion = \"{cc}\"\nrtt_ms = {}\n", rtt_ms.max(1));
     if let Some(mut old) = w.bj.shipper.take() {
         old.terminate(Duration::from_secs(10));
     }

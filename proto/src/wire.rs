@@ -38,6 +38,8 @@
 //! A batch's payload is plog records ([`PlogRecord::encode`], the same bytes as in the plog and
 //! the inbox) concatenated and compressed with zstd: see [`pack_batch`] and [`unpack_batch`].
 
+use std::cell::RefCell;
+
 use thiserror::Error as ThisError;
 
 use crate::checkpoint::CheckpointFile;
@@ -750,17 +752,49 @@ fn decode_body(ty: u8, body: &[u8]) -> Result<Frame, WireError> {
     Ok(frame)
 }
 
-/// zstd's one-shot compression of an in-memory buffer fails only for an invalid level or when
-/// out of memory; the level is clamped to zstd's range by every caller.
+thread_local! {
+    /// One zstd context of each kind per thread, reused: creating one costs more than
+    /// compressing a small batch. Batches are packed and unpacked on blocking-pool threads, which
+    /// live on between batches.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// zstd's compression of an in-memory buffer fails only for an invalid level or when out of
+/// memory; the level is clamped to zstd's range by every caller.
 fn compress(data: &[u8], level: i32) -> Vec<u8> {
-    zstd::bulk::compress(data, level).expect("zstd compresses memory at a valid level")
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let reused = match cell.as_mut() {
+            Some(c) => c.set_compression_level(level).is_ok(),
+            None => false,
+        };
+        if !reused {
+            *cell = zstd::bulk::Compressor::new(level).ok();
+        }
+        match cell.as_mut() {
+            Some(c) => c.compress(data),
+            None => zstd::bulk::compress(data, level),
+        }
+        .expect("zstd compresses memory at a valid level")
+    })
 }
 
 /// Decompresses into at most `len` bytes (allocated up front, so `len` must already be
 /// bounded) and requires exactly `len`.
 fn decompress(data: &[u8], len: usize) -> Result<Vec<u8>, WireError> {
-    let raw =
-        zstd::bulk::decompress(data, len).map_err(|e| WireError::Decompress(e.to_string()))?;
+    let raw = DECOMPRESSOR
+        .with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if cell.is_none() {
+                *cell = zstd::bulk::Decompressor::new().ok();
+            }
+            match cell.as_mut() {
+                Some(d) => d.decompress(data, len),
+                None => zstd::bulk::decompress(data, len),
+            }
+        })
+        .map_err(|e| WireError::Decompress(e.to_string()))?;
     if raw.len() != len {
         return Err(WireError::Decompress(format!(
             "{} bytes, but the header says {len}",

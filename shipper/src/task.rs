@@ -96,6 +96,8 @@ pub async fn run(
         }
         match end {
             TermEnd::Cancelled => return,
+            // Stopping (pause, remove, shutdown) ends the term's helpers too; not a loss.
+            TermEnd::Lost(_) if cancel.is_cancelled() => return,
             TermEnd::Lost(why) => {
                 tracing::warn!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, %why, "lost the shipping election; stopped shipping this partition");
                 shared.board.with(&key, |e| {

@@ -35,7 +35,8 @@ pub struct Cluster {
     pub receiver_advertise: Option<SocketAddr>,
     /// The other cluster's coordinator address.
     pub remote: SocketAddr,
-    /// More lines for the shipper's `[shipper]` section (applied at its next start).
+    /// The last lines of the shipper's `[shipper]` section (applied at its next start): the
+    /// link's `rtt_ms`, and whatever a test adds.
     pub shipper_toml: String,
     dir: PathBuf,
     etcd_endpoint: String,
@@ -200,7 +201,7 @@ impl Cluster {
             shipper_http: SocketAddr::new(etcd.place().ip, free_port()),
             place: etcd.place().clone(),
             receiver_advertise: None,
-            shipper_toml: String::new(),
+            shipper_toml: "rtt_ms = 5\n".into(),
             remote,
             dir: dir.to_path_buf(),
             etcd_endpoint: etcd.endpoint(),
@@ -310,7 +311,7 @@ impl Cluster {
                 "{}[remote_clusters]\n{remote_name} = [\"{}\"]\n\n[shipper]\nnode = \"{}\"\n\
                  data_dir = \"{}\"\ncerts_dir = \"{}\"\nhttp_addr = \"{}\"\nlease_ttl = \"2s\"\n\
                  etcd_timeout = \"1s\"\nprogress_interval = \"200ms\"\nreconcile_interval = \"300ms\"\n\
-                 bandwidth_mbps = 1000\nrtt_ms = 5\n{}\n",
+                 bandwidth_mbps = 1000\n{}\n",
                 self.cluster_section(),
                 self.remote,
                 self.node.spec.name,
