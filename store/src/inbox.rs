@@ -308,4 +308,72 @@ mod tests {
             (1, 0, Decree(111))
         );
     }
+
+    /// Applied inbox segments are collected, never the newest one nor one holding an
+    /// unapplied record, and the inbox goes on working after a collection and a reopen.
+    #[tokio::test]
+    async fn applied_inbox_segments_are_collected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, _) = Partition::open(
+            dir.path(),
+            PartitionId(0),
+            PartitionOptions::new(ClusterId::new(1).expect("valid")),
+        )
+        .expect("open");
+        let big = |d: u64| PlogRecord {
+            ops: vec![Op::Put {
+                key: format!("k{d}").into(),
+                value: vec![b'x'; 8 << 10],
+                expire_at_ms: 0,
+            }],
+            ..rec(d, None)
+        };
+        // 64 KiB segments, 8 KiB records: about 8 records per segment.
+        let mut w = InboxWriter::open(dir.path(), src(), 64 << 10).expect("open inbox");
+        let all: Vec<PlogRecord> = (1..=40).map(big).collect();
+        for chunk in all.chunks(4) {
+            w.append(chunk).expect("append");
+        }
+        let idir = inbox_dir(dir.path(), src());
+        let before = plog::list_segments(&idir).expect("list");
+        assert!(before.len() >= 4, "{} segments", before.len());
+        assert!(
+            p.gc_inboxes().await.expect("gc").is_empty(),
+            "nothing applied, nothing collected"
+        );
+
+        // Apply the first 20 records only.
+        let r = p
+            .apply_duplicated(src(), all[..20].to_vec())
+            .await
+            .expect("apply");
+        assert_eq!(r.progress, Decree(20));
+        let removed = p.gc_inboxes().await.expect("gc");
+        let after = plog::list_segments(&idir).expect("list");
+        assert!(!removed.is_empty());
+        assert_eq!(after.len() + removed.len(), before.len());
+        assert!(
+            after[0].first_decree <= Decree(21),
+            "the segment holding decree 21 stays: {:?}",
+            after[0].first_decree
+        );
+
+        // Everything applied: only the newest segment is left, and the data is there.
+        let mut a = InboxApplier::new(dir.path(), src());
+        a.apply_available(&p, 1 << 20).await.expect("apply");
+        p.gc_inboxes().await.expect("gc");
+        let left = plog::list_segments(&idir).expect("list");
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].path, before.last().expect("segments").path);
+        assert!(p.get(b"k1").expect("get").is_some());
+        assert!(p.get(b"k40").expect("get").is_some());
+
+        // A restarted receiver still resumes after decree 40 and appends.
+        drop(w);
+        let mut w = InboxWriter::open(dir.path(), src(), 64 << 10).expect("reopen inbox");
+        assert_eq!(w.last_decree(), Decree(40));
+        assert_eq!(w.append(&[big(41)]).expect("append"), Decree(41));
+        let r = a.apply_available(&p, 1 << 20).await.expect("apply");
+        assert_eq!(r.progress, Decree(41));
+    }
 }

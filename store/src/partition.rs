@@ -30,6 +30,7 @@ use crate::checkpoint;
 use crate::clock::{self, HybridClock};
 use crate::engine::{Batch, Engine, Source};
 use crate::error::StoreError;
+use crate::inbox;
 use crate::plog::{self, Committed, CommittedMarker, PlogWriter, RecoveryReport};
 
 /// Tuning of one partition. The defaults suit a node with a few partitions on one SSD.
@@ -375,6 +376,13 @@ impl Partition {
         self.call(|reply| Request::Gc { below, reply }).await
     }
 
+    /// Deletes whole inbox segments whose records this partition has applied, durably (the
+    /// memtable is flushed first, and only when some segment can go). The newest segment of each
+    /// inbox stays: the receiver appends to it. Returns the deleted files.
+    pub async fn gc_inboxes(&self) -> Result<Vec<PathBuf>, StoreError> {
+        self.call(|reply| Request::GcInboxes { reply }).await
+    }
+
     /// Reads a live value: `None` for absent, deleted or expired keys.
     pub fn get(&self, key: &[u8]) -> Result<Option<Live>, StoreError> {
         let Some(raw) = self.engine.get_raw(key)? else {
@@ -499,6 +507,9 @@ enum Request {
         below: Decree,
         reply: oneshot::Sender<Result<Vec<PathBuf>, StoreError>>,
     },
+    GcInboxes {
+        reply: oneshot::Sender<Result<Vec<PathBuf>, StoreError>>,
+    },
     Shutdown,
 }
 
@@ -568,6 +579,9 @@ impl Writer {
                 }
                 Request::Gc { below, reply } => {
                     let _ = reply.send(self.gc(below));
+                }
+                Request::GcInboxes { reply } => {
+                    let _ = reply.send(self.gc_inboxes());
                 }
                 Request::Shutdown => break,
             }
@@ -888,6 +902,36 @@ impl Writer {
         self.engine.flush()?;
         let durable = self.engine.applied_decree()?;
         plog::remove_segments_below(&self.plog_dir, below.min(durable.next()))
+    }
+
+    fn gc_inboxes(&mut self) -> Result<Vec<PathBuf>, StoreError> {
+        let Some(dir) = self.plog_dir.parent() else {
+            return Ok(Vec::new());
+        };
+        let mut inboxes = Vec::new();
+        for source in inbox::sources(dir)? {
+            let idir = inbox::inbox_dir(dir, source);
+            let segs = plog::list_segments(&idir)?;
+            // Segment i holds decrees up to segment i+1's first - 1: whole once that is applied.
+            let applied = self.engine.dup_progress(source)?;
+            if segs
+                .get(1)
+                .is_some_and(|s| s.first_decree <= applied.next())
+            {
+                inboxes.push((source, idir));
+            }
+        }
+        if inboxes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The progress read after the flush is on disk with the writes it covers.
+        self.engine.flush()?;
+        let mut removed = Vec::new();
+        for (source, idir) in inboxes {
+            let applied = self.engine.dup_progress(source)?;
+            removed.extend(plog::remove_segments_below(&idir, applied.next())?);
+        }
+        Ok(removed)
     }
 }
 

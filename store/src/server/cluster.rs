@@ -223,6 +223,17 @@ async fn gc_once(meta: Option<&MetaStore>, node: &Node, retain_decrees: u64) -> 
                 .map_or(Decree(0), |pr| pr.confirmed_decree);
             below = below.min(confirmed);
         }
+        let removed = partition
+            .gc_inboxes()
+            .await
+            .with_context(|| format!("collect partition {p}'s applied inbox segments"))?;
+        if !removed.is_empty() {
+            tracing::info!(
+                partition = p.0,
+                segments = removed.len(),
+                "applied inbox segments collected"
+            );
+        }
         // Segments strictly below the first unconfirmed decree.
         let below = below.next();
         if below.0 <= 1 {
