@@ -36,6 +36,8 @@ pub struct DupArgs {
     pub baseline_writes: u64,
     pub drain_writes: u64,
     pub pin: bool,
+    /// More `[shipper]` lines, e.g. `window_batches = 2`.
+    pub shipper_toml: Vec<String>,
 }
 
 /// One measured phase.
@@ -125,6 +127,9 @@ fn measure(
     cc: &str,
 ) -> Result<Vec<Row>> {
     w.bj.shipper_toml = format!("congestion = \"{cc}\"\nrtt_ms = {}\n", rtt_ms.max(1));
+    for line in &a.shipper_toml {
+        w.bj.shipper_toml += &format!("{line}\n");
+    }
     if let Some(mut old) = w.bj.shipper.take() {
         old.terminate(Duration::from_secs(10));
     }

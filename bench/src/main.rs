@@ -78,6 +78,10 @@ enum Cmd {
         /// bj (node, shipper, the load) on CPU 0 and tj (node, receiver) on CPU 1.
         #[arg(long)]
         pin: bool,
+        /// A line for the shipper's `[shipper]` section, e.g. `--shipper 'window_batches = 2'`
+        /// (repeatable).
+        #[arg(long = "shipper")]
+        shipper_toml: Vec<String>,
     },
 }
 
@@ -92,6 +96,7 @@ fn main() -> Result<()> {
             baseline_writes,
             drain,
             pin,
+            shipper_toml,
         } => dup::run(&dup::DupArgs {
             partitions,
             seconds,
@@ -101,6 +106,7 @@ fn main() -> Result<()> {
             baseline_writes,
             drain_writes: drain,
             pin,
+            shipper_toml,
         }),
         Cmd::NodeVsRedis {
             requests,
