@@ -18,7 +18,7 @@ use ferry_coordinator::client::AdminClient;
 use ferry_coordinator::meta::DupInfo;
 use ferry_proto::wire::{self, ErrorCode, Frame, Heartbeat, Hello};
 use ferry_proto::{Decree, PlogRecord};
-use ferry_store::plog::{PlogReader, ReadError};
+use ferry_store::plog::{CommittedReader, PlogReader, ReadError};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -284,7 +284,8 @@ async fn ship(ctx: &SessionCtx, carry: &mut Carry) -> Failure {
     let threshold_ms = s.dup_lagging_write_threshold_ms;
     let m = &shared.metrics;
     let l = &ctx.labels;
-    let mut committed = tail::committed(&ctx.plog_dir).unwrap_or_default();
+    let mut marker = CommittedReader::new(&ctx.plog_dir);
+    let mut committed = tail::committed_from(&mut marker).unwrap_or_default();
     // Encoded bytes per record in the last batch read (0: not known yet).
     let mut record_bytes = 0u64;
 
@@ -294,7 +295,7 @@ async fn ship(ctx: &SessionCtx, carry: &mut Carry) -> Failure {
         // A small batch waits until then (see SMALL_BATCH_GAP).
         let mut hold_until: Option<Instant> = None;
         while window.has_room() {
-            match tail::committed(&ctx.plog_dir) {
+            match tail::committed_from(&mut marker) {
                 Ok(c) => committed = c,
                 Err(e) => {
                     return Failure::Transport(format!(

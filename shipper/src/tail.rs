@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ferry_proto::{Decree, PlogRecord};
-use ferry_store::plog::{Committed, PlogReader, ReadError, COMMITTED_FILE};
+use ferry_store::plog::{Committed, CommittedReader, PlogReader, ReadError, COMMITTED_FILE};
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::watch;
 
@@ -187,6 +187,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// partition yet) reads as nothing committed.
 pub fn committed(plog_dir: &Path) -> Result<Committed, ReadError> {
     Ok(Committed::read(plog_dir)?.unwrap_or_default())
+}
+
+/// [`committed`] through a reader that keeps the marker open, for loops that look often.
+pub fn committed_from(marker: &mut CommittedReader) -> Result<Committed, ReadError> {
+    Ok(marker.read()?.unwrap_or_default())
 }
 
 /// Reads the next batch: the records after what `reader` returned last, up to `upto` (the

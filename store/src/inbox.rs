@@ -21,7 +21,9 @@ use crate::clock;
 use crate::engine::Source;
 use crate::error::StoreError;
 use crate::partition::{ApplyReport, Partition};
-use crate::plog::{self, Committed, CommittedMarker, PlogReader, PlogWriter, ReadError};
+use crate::plog::{
+    self, Committed, CommittedMarker, CommittedReader, PlogReader, PlogWriter, ReadError,
+};
 
 const INBOX_DIR: &str = "inbox";
 
@@ -168,14 +170,17 @@ impl InboxWriter {
 pub struct InboxApplier {
     source: Source,
     dir: PathBuf,
+    marker: CommittedReader,
     reader: Option<PlogReader>,
 }
 
 impl InboxApplier {
     pub fn new(partition_dir: &Path, source: Source) -> InboxApplier {
+        let dir = inbox_dir(partition_dir, source);
         InboxApplier {
             source,
-            dir: inbox_dir(partition_dir, source),
+            marker: CommittedReader::new(&dir),
+            dir,
             reader: None,
         }
     }
@@ -188,7 +193,7 @@ impl InboxApplier {
         max_bytes: usize,
     ) -> Result<ApplyReport, StoreError> {
         let mut total = ApplyReport::default();
-        let Some(committed) = Committed::read(&self.dir)? else {
+        let Some(committed) = self.marker.read()? else {
             return Ok(total);
         };
         if self.reader.is_none() {

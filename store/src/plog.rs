@@ -348,6 +348,60 @@ impl Committed {
     }
 }
 
+/// Reads one plog's `committed` marker again and again with one `pread` each, the file kept
+/// open: for the loops that look at it every few milliseconds. The file is opened again every
+/// second, so a marker that was deleted and made anew (a partition dropped and re-created) is
+/// followed.
+pub struct CommittedReader {
+    path: PathBuf,
+    file: Option<(File, std::time::Instant)>,
+}
+
+impl CommittedReader {
+    pub fn new(dir: &Path) -> CommittedReader {
+        CommittedReader {
+            path: dir.join(COMMITTED_FILE),
+            file: None,
+        }
+    }
+
+    /// As [`Committed::read`].
+    pub fn read(&mut self) -> Result<Option<Committed>, StoreError> {
+        use std::os::unix::fs::FileExt;
+        const REOPEN: std::time::Duration = std::time::Duration::from_secs(1);
+        if self
+            .file
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() >= REOPEN)
+        {
+            self.file = None;
+        }
+        let file = match &self.file {
+            Some((f, _)) => f,
+            None => match File::open(&self.path) {
+                Ok(f) => &self.file.insert((f, std::time::Instant::now())).0,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(StoreError::io("open committed marker", &self.path, e)),
+            },
+        };
+        let mut b = [0u8; COMMITTED_LEN];
+        for _ in 0..100 {
+            let n = file
+                .read_at(&mut b, 0)
+                .map_err(|e| StoreError::io("read committed marker", &self.path, e))?;
+            if let Some(c) = Committed::decode(&b[..n]) {
+                return Ok(Some(c));
+            }
+            std::thread::yield_now();
+        }
+        Err(StoreError::corrupt(
+            &self.path,
+            0,
+            "committed marker keeps failing its checksum".into(),
+        ))
+    }
+}
+
 /// Rewrites the `committed` marker in place (one pwrite; no fsync, see [`COMMITTED_FILE`]).
 pub struct CommittedMarker {
     file: File,
@@ -850,5 +904,24 @@ mod tests {
         assert_eq!(Committed::read(dir.path()).expect("read"), Some(c));
         fs::write(dir.path().join(COMMITTED_FILE), [1u8; COMMITTED_LEN]).expect("garble");
         assert!(Committed::read(dir.path()).is_err());
+        let mut r = CommittedReader::new(dir.path());
+        assert!(
+            r.read().is_err(),
+            "the kept-open reader sees the garbled marker too"
+        );
+        m.publish(c).expect("publish");
+        assert_eq!(r.read().expect("read"), Some(c));
+        let later = Committed {
+            decree: Decree(8),
+            commit_time_us: 9,
+        };
+        m.publish(later).expect("publish");
+        assert_eq!(r.read().expect("read"), Some(later), "rewrites are seen");
+        assert_eq!(
+            CommittedReader::new(&dir.path().join("none"))
+                .read()
+                .expect("read"),
+            None
+        );
     }
 }
