@@ -83,7 +83,7 @@ impl InboxWriter {
     ) -> Result<InboxWriter, StoreError> {
         let dir = inbox_dir(partition_dir, source);
         fs::create_dir_all(&dir).map_err(|e| StoreError::io("create inbox", &dir, e))?;
-        let report = plog::recover(&dir, Decree(u64::MAX), |_| Ok(()))?;
+        let report = plog::recover_newest(&dir)?;
         if let Some(torn) = &report.torn_tail {
             tracing::warn!(inbox = %dir.display(), offset = torn.offset, bytes = torn.bytes_dropped,
                 "cut torn inbox tail (never acknowledged to the shipper)");

@@ -77,6 +77,23 @@ pub fn list_segments(dir: &Path) -> Result<Vec<Segment>, StoreError> {
 pub fn recover(
     dir: &Path,
     applied: Decree,
+    replay: impl FnMut(PlogRecord) -> Result<(), StoreError>,
+) -> Result<RecoveryReport, StoreError> {
+    recover_segments(dir, applied, false, replay)
+}
+
+/// What a writer reopening a log needs, reading only its newest segment: the last decree, with a
+/// torn tail cut. The older segments are never written again (each was synced whole before the
+/// next one was created), so a log of any length reopens in the time of one segment. Without a
+/// record in the newest segment, the last decree is the one before that segment's first.
+pub fn recover_newest(dir: &Path) -> Result<RecoveryReport, StoreError> {
+    recover_segments(dir, Decree(u64::MAX), true, |_| Ok(()))
+}
+
+fn recover_segments(
+    dir: &Path,
+    applied: Decree,
+    newest_only: bool,
     mut replay: impl FnMut(PlogRecord) -> Result<(), StoreError>,
 ) -> Result<RecoveryReport, StoreError> {
     let segments = list_segments(dir)?;
@@ -84,8 +101,16 @@ pub fn recover(
         segments: segments.len(),
         ..Default::default()
     };
+    let skip = if newest_only {
+        segments.len().saturating_sub(1)
+    } else {
+        0
+    };
+    if let Some(newest) = segments.get(skip).filter(|_| skip > 0) {
+        report.last_decree = Some(Decree(newest.first_decree.0.saturating_sub(1)));
+    }
     let mut expected: Option<Decree> = None;
-    for (i, seg) in segments.iter().enumerate() {
+    for (i, seg) in segments.iter().enumerate().skip(skip) {
         let newest = i + 1 == segments.len();
         if let Some(exp) = expected {
             if seg.first_decree != exp {
@@ -706,6 +731,42 @@ mod tests {
         assert_eq!(seen, (1..=100).collect::<Vec<_>>());
         assert_eq!(report.last_decree, Some(Decree(100)));
         assert_eq!(report.torn_tail, None);
+    }
+
+    #[test]
+    fn the_newest_segment_alone_gives_the_last_decree_and_cuts_a_torn_tail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_records(dir.path(), 1..=100, 512);
+        let segs = list_segments(dir.path()).expect("list");
+        assert!(segs.len() > 5);
+        // The last write rolled over: the newest segment may hold no record yet.
+        let r = recover_newest(dir.path()).expect("recover newest");
+        assert_eq!(r.last_decree, Some(Decree(100)));
+        assert_eq!(r.torn_tail, None);
+        // A torn record at the end of the newest segment is cut, as full recovery would.
+        let newest = segs.last().expect("segments");
+        let mut buf = Vec::new();
+        rec(101).encode(&mut buf);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(&newest.path)
+            .expect("open");
+        f.write_all(&buf[..buf.len() / 2]).expect("write half");
+        let r = recover_newest(dir.path()).expect("recover newest");
+        assert_eq!(r.last_decree, Some(Decree(100)));
+        assert!(r.torn_tail.is_some());
+        let (seen, full) = recover_all(dir.path()).expect("full recovery agrees");
+        assert_eq!(
+            (seen.len(), full.last_decree, full.torn_tail),
+            (100, Some(Decree(100)), None)
+        );
+        // One segment only: the same as full recovery.
+        let one = tempfile::tempdir().expect("tempdir");
+        write_records(one.path(), 5..=9, 1 << 20);
+        assert_eq!(
+            recover_newest(one.path()).expect("recover").last_decree,
+            Some(Decree(9))
+        );
     }
 
     #[test]
