@@ -35,6 +35,8 @@ pub struct Cluster {
     pub receiver_advertise: Option<SocketAddr>,
     /// The other cluster's coordinator address.
     pub remote: SocketAddr,
+    /// More lines for the receiver's `[receiver]` section (applied at its next start).
+    pub receiver_toml: String,
     /// The last lines of the shipper's `[shipper]` section (applied at its next start): the
     /// link's `rtt_ms`, and whatever a test adds.
     pub shipper_toml: String,
@@ -201,6 +203,7 @@ impl Cluster {
             shipper_http: SocketAddr::new(etcd.place().ip, free_port()),
             place: etcd.place().clone(),
             receiver_advertise: None,
+            receiver_toml: String::new(),
             shipper_toml: "rtt_ms = 5\n".into(),
             remote,
             dir: dir.to_path_buf(),
@@ -246,7 +249,7 @@ impl Cluster {
             format!(
                 "{}[receiver]\nnode = \"{}\"\nlisten = \"{}\"\nadvertise = \"{}\"\nhttp_addr = \"{}\"\ndata_dir = \"{}\"\n\
                  certs_dir = \"{}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\nbandwidth_mbps = 1000\n\
-                 rtt_ms = 5\nshutdown_grace = \"2s\"\n",
+                 rtt_ms = 5\nshutdown_grace = \"2s\"\n{}",
                 self.cluster_section(),
                 self.node.spec.name,
                 self.receiver_quic,
@@ -254,6 +257,7 @@ impl Cluster {
                 self.receiver_http,
                 self.node.data_dir.display(),
                 self.certs.display(),
+                self.receiver_toml,
             ),
         )?;
         let proc = self.spawn_serving("receiver", "receiver", &config, self.receiver_http)?;

@@ -386,8 +386,13 @@ async fn batches_from_eight_source_partitions_land_in_exactly_their_target_parti
         let (a, b) = (records(sp, 1, 20, "v"), records(sp, 21, 45, "v"));
         c.send(&batch(&a)).await;
         c.send(&batch(&b)).await;
-        assert_eq!(c.expect_ack().await, 20);
-        assert_eq!(c.expect_ack().await, 45);
+        // Acks are cumulative: 20 then 45, or only 45 when the receiver wrote both batches
+        // together (the second was queued behind the first).
+        let first = c.expect_ack().await;
+        if first != 45 {
+            assert_eq!(first, 20);
+            assert_eq!(c.expect_ack().await, 45);
+        }
         c.send(&batch(&a)).await;
         assert_eq!(c.expect_ack().await, 45, "a resent batch is harmless");
         c.send(&Frame::Heartbeat(wire::Heartbeat {
@@ -463,10 +468,9 @@ async fn batches_from_eight_source_partitions_land_in_exactly_their_target_parti
         metric(&m, r#"receiver_bytes_total{kind="wire"}"#) > 0.0,
         "{m}"
     );
-    assert!(
-        metric(&m, "receiver_inbox_write_seconds_count") >= 24.0,
-        "{m}"
-    );
+    // One inbox write per batch, except where two queued batches were written together.
+    let writes = metric(&m, "receiver_inbox_write_seconds_count");
+    assert!((16.0..=24.0).contains(&writes), "{m}");
     // The registration shippers look up.
     let reg = h
         .etcd
