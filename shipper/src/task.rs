@@ -155,6 +155,9 @@ async fn term(
         why = leadership.lost() => TermEnd::Lost(why),
         r = &mut progress => match r {
             Ok(Some(why)) => TermEnd::Lost(why),
+            // Stopping ends the progress writer too; still leading, so the last progress is
+            // written below.
+            _ if cancel.is_cancelled() => TermEnd::Cancelled,
             _ => TermEnd::Lost("the progress writer stopped".into()),
         },
         end = sessions(shared, key, dup, &ctx_base, &confirmed, &term_cancel) => end,
