@@ -4,7 +4,8 @@
 //! `Hello` → `Welcome`, resume after the larger confirmed decree (see [`crate::resume`]), then
 //! loop: read committed plog records after the last one sent (at most
 //! `duplicate_log_batch_bytes`), compress, send, keep at most `window_batches` unacknowledged
-//! ([`crate::window`]), and advance the confirmed decree on acks. With nothing to read, wait for
+//! ([`crate::window`]; a batch that would be small waits up to [`SMALL_BATCH_GAP`] while another
+//! is in flight), and advance the confirmed decree on acks. With nothing to read, wait for
 //! the node's committed marker to change (inotify, 50 ms fallback) and send a heartbeat every
 //! `heartbeat_interval`. The session ends with a [`Failure`]; the partition task decides by fail
 //! mode what comes next.
