@@ -120,10 +120,7 @@ impl Unpacked {
     /// fsync per target partition (group commit across the batches queued behind a write).
     /// Gives `next` back when it does not follow directly; the gap check then sees it alone.
     fn absorb(&mut self, next: Unpacked) -> Result<(), Unpacked> {
-        let follows = self.count > 0
-            && next.count > 0
-            && next.first.0 == self.last.0 + 1
-            && next.parts.len() == self.parts.len();
+        let follows = self.count > 0 && next.count > 0 && next.first.0 == self.last.0 + 1;
         if !follows {
             return Err(next);
         }

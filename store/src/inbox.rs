@@ -267,15 +267,21 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn receiver_writes_node_applies_exactly_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (p, _) = Partition::open(
-            dir.path(),
+    /// Partition 0 of a cluster-1 table in `dir`.
+    fn partition(dir: &Path) -> Partition {
+        Partition::open(
+            dir,
             PartitionId(0),
             PartitionOptions::new(ClusterId::new(1).expect("valid")),
         )
-        .expect("open");
+        .expect("open")
+        .0
+    }
+
+    #[tokio::test]
+    async fn receiver_writes_node_applies_exactly_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = partition(dir.path());
         let mut w = InboxWriter::open(dir.path(), src(), 1 << 20).expect("open inbox");
         assert_eq!(w.last_decree(), Decree(0));
         // Shipping starts mid-stream (the dup began at source decree 100).
@@ -319,12 +325,7 @@ mod tests {
     #[tokio::test]
     async fn applied_inbox_segments_are_collected() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (p, _) = Partition::open(
-            dir.path(),
-            PartitionId(0),
-            PartitionOptions::new(ClusterId::new(1).expect("valid")),
-        )
-        .expect("open");
+        let p = partition(dir.path());
         let big = |d: u64| PlogRecord {
             ops: vec![Op::Put {
                 key: format!("k{d}").into(),

@@ -597,3 +597,18 @@ pub fn check_written(c: &Cluster, prefix: &str, n: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// SETs `<prefix>:<i>` = `value` for `i` in `0..n`, in pipelines of 1000.
+pub fn set_keys(con: &mut redis::Connection, prefix: &str, n: u32, value: &str) -> Result<()> {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET")
+                .arg(format!("{prefix}:{i}"))
+                .arg(value)
+                .ignore();
+        }
+        pipe.query::<()>(con)?;
+    }
+    Ok(())
+}

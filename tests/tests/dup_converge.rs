@@ -7,22 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use ferry_tests::dup::{wait_converged, TwoClusters};
+use ferry_tests::dup::{set_keys, wait_converged, TwoClusters};
 
 /// Writes `n` keys with 100-byte values in pipelines of 1000, then deletes every 10th key and
 /// increments a few counters, so puts, deletes (tombstones) and read-modify-writes all ship.
 fn write_load(con: &mut redis::Connection, prefix: &str, n: u32) -> Result<()> {
-    let value = "v".repeat(100);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let mut pipe = redis::pipe();
-        for i in chunk {
-            pipe.cmd("SET")
-                .arg(format!("{prefix}:{i}"))
-                .arg(&value)
-                .ignore();
-        }
-        pipe.query::<()>(con)?;
-    }
+    set_keys(con, prefix, n, &"v".repeat(100))?;
     let mut pipe = redis::pipe();
     for i in (0..n).step_by(10) {
         pipe.cmd("DEL").arg(format!("{prefix}:{i}")).ignore();

@@ -6,21 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use ferry_tests::dup::{wait_converged, Cluster, TwoClusters};
+use ferry_tests::dup::{set_keys, wait_converged, Cluster, TwoClusters};
 
 fn write(con: &mut redis::Connection, prefix: &str, n: u32) -> Result<()> {
-    let value = "x".repeat(100);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let mut pipe = redis::pipe();
-        for i in chunk {
-            pipe.cmd("SET")
-                .arg(format!("{prefix}:{i}"))
-                .arg(&value)
-                .ignore();
-        }
-        pipe.query::<()>(con)?;
-    }
-    Ok(())
+    set_keys(con, prefix, n, &"x".repeat(100))
 }
 
 fn segments(c: &Cluster) -> Result<usize> {

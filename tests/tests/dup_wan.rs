@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use ferry_tests::delay::UdpDelay;
-use ferry_tests::dup::{wait_converged, TwoClusters};
+use ferry_tests::dup::{set_keys, wait_converged, TwoClusters};
 use ferry_tests::netns::Wan;
 
 #[test]
@@ -40,15 +40,8 @@ fn dup_converges_over_a_50ms_rtt_link() -> Result<()> {
     };
     w.bj.add_dup("users", "tj")?;
     let mut con = w.bj.redis()?;
-    let value = "w".repeat(100);
     let t = Instant::now();
-    for chunk in (0..20_000u32).collect::<Vec<_>>().chunks(1000) {
-        let mut pipe = redis::pipe();
-        for i in chunk {
-            pipe.cmd("SET").arg(format!("wan:{i}")).arg(&value).ignore();
-        }
-        pipe.query::<()>(&mut con)?;
-    }
+    set_keys(&mut con, "wan", 20_000, &"w".repeat(100))?;
     let wrote = t.elapsed();
     let entries = wait_converged(&w.bj, &w.tj, Duration::from_secs(120))?;
     eprintln!(
