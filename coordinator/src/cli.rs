@@ -8,10 +8,10 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::api::{
+use ferry_admin::api::{
     AddDup, CreateTable, DupView, SetFailMode, SetTableState, StatusView, TableDetail, TableView,
 };
-use crate::client::{AdminClient, ClientError};
+use ferry_admin::client::{AdminClient, ClientError};
 
 /// ferry's admin CLI: tables and duplications of one cluster.
 #[derive(Debug, Parser)]
@@ -110,8 +110,8 @@ pub enum DupCommand {
         /// Remote cluster name.
         #[arg(long, short = 'c')]
         cluster: String,
-        /// Copy a checkpoint first (starts in DS_PREPARE); without it only new writes are
-        /// shipped (starts in DS_LOG).
+        /// Copy a checkpoint first (full duplication). Not implemented yet: refused. Without it
+        /// only new writes are shipped (starts in DS_LOG).
         #[arg(long)]
         full: bool,
     },

@@ -18,7 +18,7 @@
 //! http_addr = "127.0.0.1:34811"  # /health, /metrics
 //! lease_ttl = "5s"
 //! inbox_segment_bytes = 67108864
-//! max_batch_raw_bytes = 33554432
+//! max_batch_raw_bytes = 75497480  # the default; never less
 //! bandwidth_mbps = 1000          # the WAN link, to size QUIC windows and socket buffers
 //! rtt_ms = 50
 //! congestion = "cubic"
@@ -26,7 +26,6 @@
 //!
 //! The defaults are tuned for one receiver per node on a 1 Gbit/s, 50 ms inter-datacenter link.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,7 +33,10 @@ use std::time::Duration;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
-use ferry_coordinator::config::{valid_name, ClusterConfig, EtcdConfig};
+pub use ferry_net::Congestion;
+use ferry_proto::limits::MAX_BATCH_RAW;
+
+use ferry_meta::config::{valid_name, ClusterConfig, EtcdConfig};
 
 /// The `receiver` process's configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,7 +79,9 @@ pub struct ReceiverSection {
     /// An inbox segment rolls over at this size, in bytes. Default 64 MiB.
     pub inbox_segment_bytes: u64,
     /// Largest uncompressed batch accepted, in bytes; a larger one is refused before it is
-    /// decompressed. Default 32 MiB. Must be at least the shippers' `duplicate_log_batch_bytes`.
+    /// decompressed. Default and minimum: `ferry_proto::limits::MAX_BATCH_RAW` (72 MiB), the
+    /// largest batch a shipper can send (a full batch plus the largest record a node accepts),
+    /// so that every acknowledged write can ship.
     pub max_batch_raw_bytes: u64,
     /// Bandwidth of the link from the source datacenters, in Mbit/s. With `rtt_ms` it sizes the
     /// QUIC receive windows and the UDP socket buffers. Default 1000.
@@ -92,33 +96,6 @@ pub struct ReceiverSection {
     pub shutdown_grace: Duration,
 }
 
-/// A QUIC congestion controller.
-///
-/// The default is **cubic**, on purpose. Congestion control governs the *sender*: a receiver
-/// sends only small `Welcome`, `Ack` and `Error` frames, so its choice barely moves throughput
-/// (the shipper's own setting is what matters for the bulk data). For the receiver we want the
-/// controller that is quinn's default and the most exercised one, and quinn documents its BBR as
-/// experimental. `bbr` is offered for links with random (non-congestion) loss, where it keeps
-/// the ack path from backing off; `newreno` for comparison in benchmarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Congestion {
-    #[default]
-    Cubic,
-    Bbr,
-    Newreno,
-}
-
-impl fmt::Display for Congestion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Congestion::Cubic => "cubic",
-            Congestion::Bbr => "bbr",
-            Congestion::Newreno => "newreno",
-        })
-    }
-}
-
 impl Default for ReceiverSection {
     fn default() -> Self {
         ReceiverSection {
@@ -131,7 +108,7 @@ impl Default for ReceiverSection {
             lease_ttl: Duration::from_secs(5),
             etcd_timeout: Duration::from_secs(3),
             inbox_segment_bytes: 64 << 20,
-            max_batch_raw_bytes: 32 << 20,
+            max_batch_raw_bytes: MAX_BATCH_RAW as u64,
             bandwidth_mbps: 1000,
             rtt_ms: 50,
             congestion: Congestion::default(),
@@ -284,7 +261,7 @@ impl ReceiverConfig {
     /// Checks every key once, so that the rest of the process can trust them. The first problem
     /// found is returned, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        use ferry_coordinator::config::ConfigError as Shared;
+        use ferry_meta::config::ConfigError as Shared;
         self.cluster.validate().map_err(|e| match e {
             Shared::Invalid { key, problem } => invalid(&key, problem),
             other => invalid("cluster", other.to_string()),
@@ -366,11 +343,11 @@ impl ReceiverConfig {
                 format!("is {}; use at least 65536 (64 KiB)", r.inbox_segment_bytes),
             ));
         }
-        if !(64 << 10..=1 << 30).contains(&r.max_batch_raw_bytes) {
+        if !(MAX_BATCH_RAW as u64..=1 << 30).contains(&r.max_batch_raw_bytes) {
             return Err(invalid(
                 "receiver.max_batch_raw_bytes",
                 format!(
-                    "is {}; use between 65536 (64 KiB) and 1073741824 (1 GiB)",
+                    "is {}; use between {MAX_BATCH_RAW} (the largest batch a shipper sends: a full batch plus the largest write a node accepts) and 1073741824 (1 GiB)",
                     r.max_batch_raw_bytes
                 ),
             ));
@@ -447,7 +424,7 @@ mod tests {
         assert_eq!(r.http_addr.to_string(), "127.0.0.1:34811");
         assert_eq!(r.lease_ttl, Duration::from_secs(3));
         assert_eq!(r.inbox_segment_bytes, 64 << 20);
-        assert_eq!(c.max_batch_raw(), 32 << 20);
+        assert_eq!(c.max_batch_raw(), MAX_BATCH_RAW);
         assert_eq!(r.bandwidth_mbps, 1000);
         assert_eq!(r.rtt_ms, 20);
         assert_eq!(r.congestion, Congestion::Bbr);

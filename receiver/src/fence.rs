@@ -59,54 +59,7 @@ impl FenceKey {
     }
 }
 
-/// Why a `Hello` was not admitted: the code and sentence of the `Error` frame to answer with.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub code: ErrorCode,
-    pub message: String,
-}
-
-impl Refusal {
-    pub fn frame(&self) -> wire::Frame {
-        wire::Frame::Error(wire::Error {
-            code: self.code,
-            message: self.message.clone(),
-        })
-    }
-}
-
-/// What [`admit`] decided for a `Hello`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// Admit it. `persist`: the token is newer than the stored one and must be stored first.
-    /// `preempt`: the live session of the same inbox to stop.
-    Accept {
-        persist: bool,
-        preempt: Option<LiveId>,
-    },
-    /// Refuse it: `newest` is the newer token that holds the partition.
-    Stale { newest: u64 },
-}
-
-/// A live session's id, unique within the process.
-pub type LiveId = u64;
-
-/// The fencing rule, without I/O. `stored` is the newest token stored for the `Hello`'s fence
-/// key (0 if none); `live` the (id, token) of the session that now owns the same inbox, if any.
-pub fn admit(stored: u64, live: Option<(LiveId, u64)>, token: u64) -> Admission {
-    if token < stored {
-        return Admission::Stale { newest: stored };
-    }
-    match live {
-        // Another dup of the same source cluster writing the same inbox, with a newer election
-        // (tokens are revisions of the source's one etcd, so they compare across dups).
-        Some((_, live_token)) if live_token > token => Admission::Stale { newest: live_token },
-        _ => Admission::Accept {
-            persist: token > stored,
-            preempt: live.map(|(id, _)| id),
-        },
-    }
-}
+pub use ferry_dup::receive::{admit, Admission, LiveId, Refusal};
 
 /// Tells a session to end, and why. Cloned between the session and the registry.
 #[derive(Clone, Default)]
@@ -147,9 +100,6 @@ impl StopSignal {
 /// The persisted tokens, the live sessions and the inbox slots of one receiver.
 pub struct Fences {
     files: FenceFiles,
-    /// Serializes admissions, across the token file's fsync, so that two `Hello`s for one
-    /// partition are decided one after the other.
-    admission: tokio::sync::Mutex<()>,
     state: Mutex<State>,
 }
 
@@ -159,6 +109,9 @@ struct State {
     tokens: HashMap<FenceKey, u64>,
     live: HashMap<InboxKey, Live>,
     slots: HashMap<InboxKey, Arc<tokio::sync::Mutex<()>>>,
+    /// Serializes the admissions of one inbox, across the token file's fsync, so that two
+    /// `Hello`s for one partition are decided one after the other; other inboxes do not wait.
+    gates: HashMap<InboxKey, Arc<tokio::sync::Mutex<()>>>,
     next_id: LiveId,
 }
 
@@ -196,7 +149,6 @@ impl Fences {
             files: FenceFiles {
                 data_dir: data_dir.into(),
             },
-            admission: tokio::sync::Mutex::new(()),
             state: Mutex::new(State::default()),
         }
     }
@@ -204,7 +156,15 @@ impl Fences {
     /// Admits a session for `key` with `token`, or says why not. On success the token is
     /// durable, and any older live session of the same inbox has been told to stop.
     pub async fn admit(self: &Arc<Self>, key: &FenceKey, token: u64) -> Result<Admitted, Refusal> {
-        let _serial = self.admission.lock().await;
+        let inbox = key.inbox();
+        let gate = self
+            .state
+            .lock()
+            .gates
+            .entry(inbox.clone())
+            .or_default()
+            .clone();
+        let _serial = gate.lock().await;
         let cached = self.state.lock().tokens.get(key).copied();
         let stored = match cached {
             Some(t) => t,
@@ -218,7 +178,6 @@ impl Fences {
                 loaded
             }
         };
-        let inbox = key.inbox();
         let live = self.state.lock().live.get(&inbox).map(|l| (l.id, l.token));
         let (persist, preempt) = match admit(stored, live, token) {
             Admission::Stale { newest } => {
@@ -393,6 +352,11 @@ impl FenceFiles {
             path: p.to_path_buf(),
             source,
         };
+        fail::fail_point!("fence-store", |arg| Err(io(
+            "write",
+            &path,
+            ferry_log::error::injected_io_error(arg)
+        )));
         fs::create_dir_all(&dir).map_err(|e| io("create the directory of", &path, e))?;
         let tmp = path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(|e| io("create", &tmp, e))?;

@@ -16,6 +16,7 @@ pub fn router(status: Arc<Status>) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(ferry_proc::failpoints::routes())
         .with_state(status)
 }
 

@@ -7,8 +7,6 @@
 //! - [`session`]: one stream = one (dup, source partition) session: Hello, Welcome, batches,
 //!   acks.
 //! - [`fence`]: fencing tokens (persisted) and exclusive ownership of each source's inboxes.
-//! - [`route`]: splitting a batch by target partition.
-//! - [`transport`]: QUIC windows and socket buffers sized to the link.
 //! - [`http`], [`metrics`]: `/health` and `/metrics`.
 //!
 //! Known limitation: a target table must have all its partitions on the receiver's node
@@ -19,10 +17,8 @@ pub mod config;
 pub mod fence;
 pub mod http;
 pub mod metrics;
-pub mod route;
 pub mod server;
 pub mod session;
-pub mod transport;
 
 pub use config::{Congestion, ReceiverArgs, ReceiverConfig, ReceiverSection};
 pub use server::{run, serve, Stage};

@@ -23,14 +23,14 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{anyhow, Context as _};
-use ferry_store::server::{listen_error, watch_signals};
+use ferry_proc::{listen_error, watch_signals};
 use quinn::{Endpoint, EndpointConfig, TokioRuntime, VarInt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use ferry_coordinator::config::ClusterConfig;
-use ferry_coordinator::meta::{self, MetaError, MetaStore, ReceiverInfo, Registration};
+use ferry_meta::config::ClusterConfig;
+use ferry_meta::{self as meta, MetaError, MetaStore, ReceiverInfo, Registration};
 use ferry_proto::wire::{self, ErrorCode, Frame};
 use ferry_proto::ClusterId;
 
@@ -39,7 +39,7 @@ use crate::fence::Fences;
 use crate::http;
 use crate::metrics::Metrics;
 use crate::session::{self, Peer};
-use crate::transport::{self, Windows};
+use ferry_net::Windows;
 
 /// What every connection and session shares.
 pub struct Context {
@@ -179,13 +179,14 @@ async fn start_and_serve(
         .map_err(|e| anyhow!("{e}"))
         .context("load the receiver's certificates")?;
     let windows = Windows::for_link(r.bandwidth_mbps, r.rtt_ms);
-    server_config.transport_config(Arc::new(transport::transport_config(
+    server_config.transport_config(Arc::new(ferry_net::transport::transport_config(
         windows,
         r.congestion,
         r.rtt_ms,
     )));
-    let (socket, recv_buf, send_buf) = transport::bind_udp(r.listen, windows)
-        .map_err(|e| listen_error("QUIC (UDP)", "--listen", r.listen, &e))?;
+    let (socket, recv_buf, send_buf) =
+        ferry_net::transport::bind_udp(r.listen, windows.socket_buffer)
+            .map_err(|e| listen_error("QUIC (UDP)", "--listen", r.listen, &e))?;
     if (recv_buf as u64) < windows.socket_buffer {
         tracing::warn!(
             wanted = windows.socket_buffer,
@@ -353,31 +354,14 @@ async fn handle_connection(
 }
 
 /// The id of `cluster` if a shipper of it may ship to this cluster: it must be in the
-/// duplication group, and not this cluster itself. Else the sentence to refuse it with.
+/// duplication group, and not this cluster itself. Else the sentence to refuse it with (the
+/// rule is [`ferry_dup::receive::authorize`]'s).
 pub fn authorize(ours: &ClusterConfig, cluster: &str) -> Result<ClusterId, String> {
-    if cluster == ours.name {
-        return Err(format!(
-            "the shipper's certificate is for cluster `{cluster}`, which is this receiver's own \
-             cluster; a cluster does not duplicate to itself, so give the shipper the certificate \
-             of its source cluster"
-        ));
-    }
-    let Some(id) = ours.duplication_group.get(cluster) else {
-        let group: Vec<&str> = ours.duplication_group.keys().map(String::as_str).collect();
-        return Err(format!(
-            "cluster `{cluster}` is not in the duplication group of cluster `{}` ({}); add it with \
-             its id to cluster.duplication_group of every cluster, or give the shipper a \
-             certificate of a cluster in the group",
-            ours.name,
-            group.join(", ")
-        ));
-    };
-    ClusterId::new(*id).ok_or_else(|| {
-        format!(
-            "cluster `{cluster}` has id {id} in the duplication group, outside 1..=127; fix \
-             cluster.duplication_group"
-        )
-    })
+    let group = ours
+        .duplication_group
+        .iter()
+        .map(|(name, id)| (name.as_str(), *id));
+    ferry_dup::receive::authorize(&ours.name, group, cluster).map_err(|r| r.message)
 }
 
 /// Refuses an authenticated-by-CA but unauthorized connection: answers the first stream it

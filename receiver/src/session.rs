@@ -22,15 +22,16 @@ use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-use ferry_coordinator::meta::MetaError;
-use ferry_proto::wire::{self, ErrorCode, Frame, WireError, FRAME_HEADER_LEN, PROTOCOL_VERSION};
+use ferry_log::inbox::InboxWriter;
+use ferry_meta::MetaError;
+use ferry_proto::wire::{self, ErrorCode, Frame, WireError, FRAME_HEADER_LEN};
+use ferry_proto::Source;
 use ferry_proto::{ClusterId, Decree, PlogRecord};
-use ferry_store::inbox::InboxWriter;
-use ferry_store::Source;
 
 use crate::fence::{FenceKey, Refusal, StopSignal};
-use crate::route;
 use crate::server::Context;
+use ferry_dup::receive::{self, HelloContext, TableView};
+use ferry_dup::route;
 
 /// Batches unpacked ahead of the one being written: they keep the disk busy while the next batch
 /// is decompressed, and are merged into the next write (one fsync per target partition for all
@@ -206,84 +207,36 @@ impl Session {
         hello: &wire::Hello,
     ) -> Result<(crate::fence::Admitted, Option<(OwnedMutexGuard<()>, Open)>), End> {
         let ctx = self.ctx.clone();
-        let refuse = |code, message: String| End::Refused(Refusal { code, message });
-        if hello.version != PROTOCOL_VERSION {
-            return Err(refuse(
-                ErrorCode::UNSUPPORTED_VERSION,
-                format!(
-                    "protocol version {} is not supported; this receiver speaks {PROTOCOL_VERSION}",
-                    hello.version
-                ),
-            ));
-        }
-        if hello.cluster_id != self.peer.cluster_id {
-            return Err(refuse(
-                ErrorCode::UNAUTHORIZED,
-                format!(
-                    "the Hello claims cluster id {} but the certificate is for cluster `{}` (id {}); \
-                     give the shipper its own cluster's certificate, or fix its cluster.id",
-                    hello.cluster_id, self.peer.cluster, self.peer.cluster_id
-                ),
-            ));
-        }
-        let ours = &ctx.config.cluster.name;
-        let desc = match ctx.meta.describe_table(&hello.table).await {
-            Ok(d) => d,
-            Err(MetaError::NoSuchTable(_)) => {
-                return Err(refuse(
-                    ErrorCode::UNKNOWN_TABLE,
-                    format!(
-                        "table `{}` does not exist in cluster `{ours}`; create it with `ferry table create` \
-                         (with the partition count you want) before adding the duplication",
-                        hello.table
-                    ),
-                ))
-            }
+        receive::check_peer(hello, &self.peer.cluster, self.peer.cluster_id)
+            .map_err(End::Refused)?;
+        let table = match ctx.meta.describe_table(&hello.table).await {
+            Ok(desc) => Some(TableView {
+                partition_count: desc.info.partition_count,
+                placement: desc
+                    .partitions
+                    .iter()
+                    .map(|e| e.as_ref().and_then(|e| e.node.clone()))
+                    .collect(),
+            }),
+            Err(MetaError::NoSuchTable(_)) => None,
             Err(e) => {
-                return Err(refuse(
-                    ErrorCode::UNAVAILABLE,
-                    format!("cannot read table `{}` from etcd: {e}", hello.table),
-                ))
+                return Err(End::Refused(Refusal {
+                    code: ErrorCode::UNAVAILABLE,
+                    message: format!("cannot read table `{}` from etcd: {e}", hello.table),
+                }))
             }
         };
-        let node = &ctx.config.receiver.node;
-        for (p, entry) in desc.partitions.iter().enumerate() {
-            match entry.as_ref().and_then(|e| e.node.as_deref()) {
-                Some(n) if n == node => {}
-                None => {
-                    return Err(refuse(
-                        ErrorCode::UNAVAILABLE,
-                        format!(
-                            "partition {p} of table `{}` in cluster `{ours}` is not placed on a node \
-                             yet; retry once the table is available",
-                            hello.table
-                        ),
-                    ))
-                }
-                Some(other) => {
-                    return Err(refuse(
-                        ErrorCode::UNAVAILABLE,
-                        format!(
-                            "partition {p} of table `{}` in cluster `{ours}` is on node `{other}`, but \
-                             this receiver writes only for node `{node}`; multi-node target tables \
-                             are not supported yet, so place every partition of a duplicated table \
-                             on one node",
-                            hello.table
-                        ),
-                    ))
-                }
-            }
-        }
-        let partition_count = desc.info.partition_count;
-        if partition_count == 0 || desc.partitions.len() != partition_count as usize {
-            return Err(refuse(
-                ErrorCode::UNAVAILABLE,
-                format!(
-                    "table `{}` has no partitions in etcd yet; retry once it is available",
-                    hello.table
-                ),
-            ));
-        }
+        let partition_count = receive::check_hello(
+            hello,
+            &HelloContext {
+                peer_cluster: &self.peer.cluster,
+                peer_cluster_id: self.peer.cluster_id,
+                our_cluster: &ctx.config.cluster.name,
+                node: &ctx.config.receiver.node,
+                table: table.as_ref(),
+            },
+        )
+        .map_err(End::Refused)?;
 
         let key = FenceKey {
             cluster: hello.cluster_id,
@@ -807,7 +760,7 @@ mod tests {
     fn frames() -> Vec<Frame> {
         vec![
             Frame::Hello(wire::Hello {
-                version: PROTOCOL_VERSION,
+                version: wire::PROTOCOL_VERSION,
                 cluster_id: ClusterId::new(1).expect("valid"),
                 dupid: DupId(4),
                 table: "users".into(),

@@ -28,13 +28,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_coordinator::config::{ClusterConfig, EtcdConfig};
-use ferry_store::server::config::one_line;
+use ferry_meta::config::{ClusterConfig, EtcdConfig};
+use ferry_proc::one_line;
 use serde::{Deserialize, Serialize};
 
-/// Largest accepted `duplicate_log_batch_bytes`: a batch (plus one record that crosses the
-/// limit) must stay well under the wire's 16 MiB frame limit.
-pub const MAX_BATCH_BYTES: u64 = 8 << 20;
+pub use ferry_net::Congestion;
+
+/// Largest accepted `duplicate_log_batch_bytes` (see `ferry_proto::limits`).
+pub use ferry_proto::limits::MAX_BATCH_BYTES;
 
 /// The `shipper` process's configuration file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,21 +53,6 @@ pub struct ShipperConfig {
     /// This process.
     #[serde(default)]
     pub shipper: ShipperSection,
-}
-
-/// TCP congestion-control algorithm of the QUIC connections to the receivers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Congestion {
-    /// Loss-based, quinn's and Linux's default. **The default here**: quinn's BBR is marked
-    /// experimental in quinn 0.11, and with windows sized to the bandwidth-delay product
-    /// (`bandwidth_mbps` × `rtt_ms`) cubic fills a clean long-haul link. Try `bbr` on links with
-    /// random (non-congestion) loss, after measuring with `bench`.
-    Cubic,
-    /// Model-based (bandwidth and RTT probing); tolerates random loss better. Experimental in quinn.
-    Bbr,
-    /// Classic Reno; for comparison only.
-    Newreno,
 }
 
 /// The `[shipper]` section.
@@ -296,13 +282,11 @@ impl ShipperConfig {
     /// is returned, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.cluster.validate().map_err(|e| match e {
-            ferry_coordinator::config::ConfigError::Invalid { key, problem } => {
-                invalid(&key, problem)
-            }
+            ferry_meta::config::ConfigError::Invalid { key, problem } => invalid(&key, problem),
             other => invalid("cluster", other.to_string()),
         })?;
         let s = &self.shipper;
-        if !ferry_coordinator::config::valid_name(&s.node) {
+        if !ferry_meta::config::valid_name(&s.node) {
             return Err(invalid(
                 "shipper.node",
                 format!(

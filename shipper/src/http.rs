@@ -12,7 +12,6 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::lag;
 use crate::server::Shared;
 use crate::status::View;
 
@@ -37,6 +36,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/replica/duplication", get(duplication))
+        .merge(ferry_proc::failpoints::routes())
         .with_state(shared)
 }
 
@@ -55,7 +55,7 @@ pub struct Health {
 }
 
 async fn health(State(s): State<Arc<Shared>>) -> Json<Health> {
-    let views = s.board.views(None, lag::now_us());
+    let views = s.board.views(None, ferry_log::clock::wall_us());
     Json(Health {
         stage: s.stage().as_str().into(),
         cluster: s.config.cluster.name.clone(),
@@ -67,7 +67,7 @@ async fn health(State(s): State<Arc<Shared>>) -> Json<Health> {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    s.board.export(&s.metrics, lag::now_us());
+    s.board.export(&s.metrics, ferry_log::clock::wall_us());
     (
         [(
             header::CONTENT_TYPE,
@@ -105,6 +105,6 @@ async fn duplication(
         }
     };
     Ok(Json(Duplications {
-        duplications: s.board.views(appid, lag::now_us()),
+        duplications: s.board.views(appid, ferry_log::clock::wall_us()),
     }))
 }

@@ -16,9 +16,9 @@
 
 use std::path::Path;
 
-use ferry_coordinator::meta::Progress;
+use ferry_log::plog::{list_segments, PlogReader, ReadError};
+use ferry_meta::Progress;
 use ferry_proto::{Decree, PlogRecord};
-use ferry_store::plog::{list_segments, PlogReader, ReadError};
 
 /// Where a session starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,8 +130,8 @@ fn found(last_old: Option<&PlogRecord>, from: Decree) -> NewDupStart {
 
 #[cfg(test)]
 mod tests {
+    use ferry_log::plog::{remove_segments_below, PlogWriter};
     use ferry_proto::{ClusterId, Op, Timetag};
-    use ferry_store::plog::{remove_segments_below, PlogWriter};
     use serde_json::Map;
 
     use super::*;

@@ -18,20 +18,20 @@ use std::time::Duration;
 
 use anyhow::Context;
 use etcd_client::WatchOptions;
-use ferry_coordinator::meta::{self, DupInfo, MetaError, MetaStore};
-use ferry_coordinator::status::DupStatus;
+use ferry_log::plog::{list_segments, PlogReader};
+use ferry_meta::status::DupStatus;
+use ferry_meta::{self as meta, DupInfo, MetaError, MetaStore};
 use ferry_proto::{ClusterId, Decree, DupId, PartitionId};
-use ferry_store::plog::{list_segments, PlogReader};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ShipperConfig;
-use crate::lag;
 use crate::metrics::{labels, Metrics};
 use crate::quic::Quic;
 use crate::status::{Board, Entry, Key, State};
 use crate::tail::{self, CommitWatcher};
 use crate::task;
+use ferry_dup::lag;
 
 /// How far start-up has got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -248,10 +248,13 @@ async fn reconcile_loop(shared: &Arc<Shared>, cancel: &CancellationToken) {
     let wake = Arc::new(Notify::new());
     let watcher = tokio::spawn(watch_dups(shared.clone(), wake.clone(), cancel.clone()));
     let mut tasks: HashMap<Key, Running> = HashMap::new();
+    // Cancelled tasks until they have ended: a partition's next task starts only after its
+    // last one wrote its final progress and resigned, so two never run for one partition.
+    let mut stopping: HashMap<Key, tokio::task::JoinHandle<()>> = HashMap::new();
     let mut logged_full: HashSet<(String, DupId)> = HashSet::new();
     let mut warned_retention: HashSet<Key> = HashSet::new();
     loop {
-        match reconcile(shared, &mut tasks, &mut logged_full, cancel).await {
+        match reconcile(shared, &mut tasks, &mut stopping, &mut logged_full, cancel).await {
             Ok(()) => shared.etcd_status(None),
             Err(e) => {
                 if shared.etcd_error().is_none() {
@@ -267,10 +270,13 @@ async fn reconcile_loop(shared: &Arc<Shared>, cancel: &CancellationToken) {
             _ = tokio::time::sleep(shared.config.shipper.reconcile_interval) => {}
         }
     }
-    for (_, t) in tasks.drain() {
+    for (k, t) in tasks.drain() {
         t.cancel.cancel();
+        stopping.insert(k, t.handle);
+    }
+    for (_, handle) in stopping.drain() {
         // Each task resigns its election and writes its last progress.
-        let _ = tokio::time::timeout(Duration::from_secs(5), t.handle).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
     }
     watcher.abort();
 }
@@ -278,6 +284,7 @@ async fn reconcile_loop(shared: &Arc<Shared>, cancel: &CancellationToken) {
 async fn reconcile(
     shared: &Arc<Shared>,
     tasks: &mut HashMap<Key, Running>,
+    stopping: &mut HashMap<Key, tokio::task::JoinHandle<()>>,
     logged_full: &mut HashSet<(String, DupId)>,
     cancel: &CancellationToken,
 ) -> Result<(), MetaError> {
@@ -291,14 +298,21 @@ async fn reconcile(
     }
 
     // Stop tasks whose dup left DS_LOG or went away, or whose partition moved.
-    tasks.retain(|k, t| {
-        let keep = w.ship.contains_key(k) && !t.handle.is_finished();
-        if !keep {
+    stopping.retain(|_, h| !h.is_finished());
+    let stop: Vec<Key> = tasks
+        .iter()
+        .filter(|(k, t)| !w.ship.contains_key(*k) || t.handle.is_finished())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in stop {
+        if let Some(t) = tasks.remove(&k) {
             t.cancel.cancel();
             tracing::info!(table = %k.table, dupid = %k.dupid, partition = k.partition.0, "stopping the partition task");
+            if !t.handle.is_finished() {
+                stopping.insert(k, t.handle);
+            }
         }
-        keep
-    });
+    }
     for (k, (info, appid)) in &w.ship {
         shared.board.update(
             k,
@@ -319,6 +333,9 @@ async fn reconcile(
                     changed
                 });
             }
+            // The last task of this partition is still writing its final progress: start the
+            // next one at the next reconcile.
+            None if stopping.contains_key(k) => {}
             None => {
                 let (tx, rx) = watch::channel(info.clone());
                 let token = cancel.child_token();
@@ -491,9 +508,9 @@ async fn sleep_or_cancel(cancel: &CancellationToken, d: Duration) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use ferry_coordinator::meta::tables::Assignment;
-    use ferry_coordinator::meta::{DupMode, TableInfo, TableState};
-    use ferry_coordinator::status::FailMode;
+    use ferry_meta::status::FailMode;
+    use ferry_meta::tables::Assignment;
+    use ferry_meta::{DupMode, TableInfo, TableState};
     use serde_json::Map;
 
     use super::*;

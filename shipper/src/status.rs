@@ -9,8 +9,8 @@ use std::sync::{Mutex, MutexGuard};
 use ferry_proto::{Decree, DupId, PartitionId};
 use serde::Serialize;
 
-use crate::lag;
 use crate::metrics::{labels, Metrics};
+use ferry_dup::lag;
 
 /// Identifies one shipped partition.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -7,8 +7,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_coordinator::meta::{DupInfo, MetaError, MetaStore, Progress};
-use ferry_coordinator::status::FailMode as StoredFailMode;
+use ferry_meta::status::FailMode as StoredFailMode;
+use ferry_meta::{DupInfo, MetaError, MetaStore, Progress};
 use ferry_proto::Decree;
 use serde_json::Map;
 use tokio::sync::watch;
@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::election::{self, Leadership};
 use crate::metrics::labels;
-use crate::retry::{Action, FailMode, Retry};
 use crate::server::Shared;
 use crate::session::{self, Carry, Confirmed, Failure, SessionCtx};
 use crate::status::{Key, State};
 use crate::tail;
+use ferry_dup::retry::{Action, FailMode, Retry};
 
 /// How a leadership term ended.
 enum TermEnd {
@@ -304,7 +304,7 @@ async fn write_progress(
         confirmed_decree: c.decree,
         last_confirmed_timestamp_ms: c.timestamp_us / 1000,
         committed_decree: committed,
-        updated_at_ms: ferry_coordinator::meta::now_ms(),
+        updated_at_ms: ferry_meta::now_ms(),
         extra: Map::new(),
     };
     fenced

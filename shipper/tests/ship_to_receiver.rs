@@ -14,15 +14,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use ferry_certs::InitOptions;
-use ferry_coordinator::config::ClusterConfig;
-use ferry_coordinator::meta::dups::DupPolicy;
-use ferry_coordinator::meta::{self, DupMode, MetaStore};
-use ferry_coordinator::status::DupEvent;
+use ferry_engine::{Expiry, Partition, PartitionOptions, SetCond, Source, WriteCmd};
+use ferry_log::plog::{list_segments, Committed, PlogReader};
+use ferry_meta::config::ClusterConfig;
+use ferry_meta::dups::DupPolicy;
+use ferry_meta::status::DupEvent;
+use ferry_meta::{self as meta, DupMode, MetaStore};
 use ferry_proto::{ClusterId, Decree, DupId, Op, PartitionId, PlogRecord};
 use ferry_shipper::config::ShipperConfig;
 use ferry_shipper::http::Duplications;
-use ferry_store::plog::{list_segments, Committed, PlogReader};
-use ferry_store::{Expiry, Partition, PartitionOptions, SetCond, Source, WriteCmd};
 use ferry_tests::etcd::{http_get, Coordinator, CoordinatorSpec, Etcd};
 use ferry_tests::procs::{bin_path, free_port, loopback, Proc};
 use tokio_util::sync::CancellationToken;
@@ -230,7 +230,7 @@ impl World {
                 .join("tj-data")
                 .join(TABLE)
                 .join(tp.to_string());
-            let dir = ferry_store::inbox::inbox_dir(
+            let dir = ferry_log::inbox::inbox_dir(
                 &pdir,
                 Source {
                     cluster: ClusterId::new(1).expect("valid id"),
@@ -568,7 +568,7 @@ async fn a_missing_target_table_is_retried_then_stops_under_fail_fast() -> Resul
     let reason = rows[0].last_error.clone().unwrap_or_default();
     assert!(reason.contains("tj"), "names the remote cluster: {reason}");
     w.source_meta
-        .set_fail_mode("orders", dupid, ferry_coordinator::status::FailMode::Fast)
+        .set_fail_mode("orders", dupid, ferry_meta::status::FailMode::Fast)
         .await?;
     let rows = w
         .wait_rows("stopped by FAIL_FAST", |r| r.state == "stopped")
@@ -600,7 +600,7 @@ async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> 
             TABLE,
             dupid,
             PartitionId(0),
-            &ferry_coordinator::meta::Progress {
+            &ferry_meta::Progress {
                 confirmed_decree: Decree(5),
                 last_confirmed_timestamp_ms: 0,
                 committed_decree: Decree(5),
@@ -616,7 +616,7 @@ async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> 
         .join(TABLE)
         .join("0")
         .join("plog");
-    let removed = ferry_store::plog::remove_segments_below(&plog0, Decree(150))?;
+    let removed = ferry_log::plog::remove_segments_below(&plog0, Decree(150))?;
     assert!(!removed.is_empty());
     w.start_shipper()?;
     let rows = w

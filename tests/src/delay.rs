@@ -1,9 +1,11 @@
 //! A UDP relay that delays every datagram by a fixed time in each direction: a WAN link for
 //! QUIC where the kernel has no `netem` (CONFIG_NET_SCH_NETEM unset). Order is kept, as netem
-//! keeps it with a fixed delay; a full queue drops, as a full link buffer does.
+//! keeps it with a fixed delay; a full queue drops, as a full link buffer does. The link can be
+//! cut (every datagram dropped, both ways) and healed.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ const QUEUE: usize = 65_536;
 pub struct UdpDelay {
     /// Where clients send to instead of the target.
     pub addr: SocketAddr,
+    cut: Arc<AtomicBool>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -33,11 +36,18 @@ impl UdpDelay {
             .context("start the relay's runtime")?;
         let front = runtime.block_on(UdpSocket::bind("127.0.0.1:0"))?;
         let addr = front.local_addr()?;
-        runtime.spawn(relay(Arc::new(front), target, one_way));
+        let cut = Arc::new(AtomicBool::new(false));
+        runtime.spawn(relay(Arc::new(front), target, one_way, cut.clone()));
         Ok(UdpDelay {
             addr,
+            cut,
             runtime: Some(runtime),
         })
+    }
+
+    /// Cuts the link (`true`: every datagram is dropped, both ways) or heals it.
+    pub fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::SeqCst);
     }
 }
 
@@ -64,7 +74,7 @@ async fn delayed_sender(
     }
 }
 
-async fn relay(front: Arc<UdpSocket>, target: SocketAddr, one_way: Duration) {
+async fn relay(front: Arc<UdpSocket>, target: SocketAddr, one_way: Duration, cut: Arc<AtomicBool>) {
     let mut upstreams: HashMap<SocketAddr, mpsc::Sender<(Instant, Vec<u8>)>> = HashMap::new();
     let mut buf = vec![0u8; 65_536];
     loop {
@@ -86,14 +96,21 @@ async fn relay(front: Arc<UdpSocket>, target: SocketAddr, one_way: Duration) {
             let (back_tx, back_rx) = mpsc::channel(QUEUE);
             tokio::spawn(delayed_sender(back_rx, front.clone(), Some(client)));
             let reader = up.clone();
+            let cut = cut.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 65_536];
                 while let Ok(n) = reader.recv(&mut buf).await {
+                    if cut.load(Ordering::SeqCst) {
+                        continue;
+                    }
                     let item = (Instant::now() + one_way, buf[..n].to_vec());
                     let _ = back_tx.try_send(item);
                 }
             });
             slot.insert(tx);
+        }
+        if cut.load(Ordering::SeqCst) {
+            continue;
         }
         if let Some(tx) = upstreams.get(&client) {
             let _ = tx.try_send((Instant::now() + one_way, buf[..n].to_vec()));

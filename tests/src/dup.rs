@@ -408,15 +408,12 @@ impl Cluster {
     /// The sum of every sample of metric `name` (exact name, any labels) on the shipper's
     /// `/metrics`.
     pub fn shipper_metric(&self, name: &str) -> Result<f64> {
-        let (status, text) = http_get(self.shipper_http, "/metrics")?;
-        if status != 200 {
-            bail!("the shipper's /metrics answered {status}: {text}");
-        }
-        Ok(text
-            .lines()
-            .filter(|l| l.split(['{', ' ']).next() == Some(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        metric(self.shipper_http, name)
+    }
+
+    /// Like [`Cluster::shipper_metric`], on the node's `/metrics`.
+    pub fn node_metric(&self, name: &str) -> Result<f64> {
+        metric(self.node.http, name)
     }
 
     /// The shipper's `/replica/duplication` rows.
@@ -511,6 +508,19 @@ impl Cluster {
 
 /// `text` with its one line that starts with `prefix` replaced by `line`; an error if not
 /// exactly one line does.
+/// The sum of every sample of metric `name` (exact name, any labels) on `http`'s `/metrics`.
+pub fn metric(http: SocketAddr, name: &str) -> Result<f64> {
+    let (status, text) = http_get(http, "/metrics")?;
+    if status != 200 {
+        bail!("/metrics of {http} answered {status}: {text}");
+    }
+    Ok(text
+        .lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 fn replace_line(text: &str, prefix: &str, line: &str) -> Result<String> {
     let hits = text.lines().filter(|l| l.starts_with(prefix)).count();
     if hits != 1 {

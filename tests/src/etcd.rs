@@ -347,11 +347,17 @@ pub fn ferry(coordinators: &[SocketAddr], args: &[&str]) -> Result<Output> {
 
 /// A minimal HTTP/1.1 GET (the tests crate has no HTTP client): `(status, body)`.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http(addr, "GET", path, "")
+}
+
+/// A minimal HTTP/1.1 request with a text body: `(status, body)`.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -371,6 +377,20 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         body.to_string()
     };
     Ok((status, body))
+}
+
+/// Configures failpoint `name` of the process whose HTTP port is `addr` (`actions` as for
+/// `fail::cfg`, e.g. `return`, `return(enospc)`, `off`), or removes it with `None`. Fails with a
+/// sentence when the binaries were built without failpoints.
+pub fn failpoint(addr: SocketAddr, name: &str, actions: Option<&str>) -> Result<()> {
+    let (code, body) = match actions {
+        Some(a) => http(addr, "PUT", &format!("/fail/{name}"), a)?,
+        None => http(addr, "DELETE", &format!("/fail/{name}"), "")?,
+    };
+    if code != 200 {
+        anyhow::bail!("failpoint {name} on {addr}: HTTP {code}: {}", body.trim());
+    }
+    Ok(())
 }
 
 fn dechunk(mut body: &str) -> String {

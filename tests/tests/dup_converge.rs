@@ -111,3 +111,59 @@ fn eight_source_partitions_converge_on_three_target_partitions() -> Result<()> {
     }
     Ok(())
 }
+
+/// Every value a node accepts ships, however large and however incompressible: the limits of
+/// the node, the plog, the batch and the frame nest (`ferry_proto::limits`). A 20 MB and a
+/// 60 MB value of random bytes reach the target byte for byte, the writes after them too, and a
+/// write over the node's limit is refused with a sentence, never acknowledged.
+#[test]
+fn large_incompressible_values_ship() -> Result<()> {
+    let w = TwoClusters::start("users", 2, 2)?;
+    w.bj.add_dup("users", "tj")?;
+    let mut con = w.bj.redis()?;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut random = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let big = [random(20_000_000), random(60_000_000)];
+    for (i, v) in big.iter().enumerate() {
+        redis::cmd("SET")
+            .arg(format!("big:{i}"))
+            .arg(v.as_slice())
+            .query::<()>(&mut con)?;
+    }
+    set_keys(&mut con, "after", 100, "small")?;
+    let over = vec![b'x'; ferry_proto::limits::MAX_WRITE_BYTES + 1];
+    let refused = redis::cmd("SET")
+        .arg("too-big")
+        .arg(over.as_slice())
+        .query::<()>(&mut con)
+        .expect_err("a write over the limit is refused");
+    assert!(
+        refused.to_string().contains("exceeds"),
+        "the refusal says why: {refused}"
+    );
+
+    wait_converged(&w.bj, &w.tj, Duration::from_secs(120))?;
+    let mut tcon = w.tj.redis()?;
+    for (i, v) in big.iter().enumerate() {
+        let got: Vec<u8> = redis::cmd("GET").arg(format!("big:{i}")).query(&mut tcon)?;
+        assert!(
+            got == *v,
+            "big:{i} differs on the target ({} bytes)",
+            got.len()
+        );
+    }
+    let last: Option<String> = redis::cmd("GET").arg("after:99").query(&mut tcon)?;
+    assert_eq!(last.as_deref(), Some("small"));
+    let none: Option<String> = redis::cmd("GET").arg("too-big").query(&mut tcon)?;
+    assert_eq!(none, None);
+    Ok(())
+}

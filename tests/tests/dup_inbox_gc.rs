@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use ferry_store::plog::list_segments;
+use ferry_log::plog::list_segments;
 use ferry_tests::dup::{check_written, wait_converged, TwoClusters, Writer};
 
 const TABLE: &str = "users";

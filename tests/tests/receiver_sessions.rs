@@ -14,12 +14,12 @@ use anyhow::{bail, Context as _, Result};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
 use ferry_certs::{InitOptions, TlsFiles};
-use ferry_coordinator::config::ClusterConfig;
-use ferry_coordinator::meta::{self, MetaStore};
+use ferry_log::plog::{list_segments, Committed, PlogReader};
+use ferry_meta::config::ClusterConfig;
+use ferry_meta::{self as meta, MetaStore};
 use ferry_proto::wire::{self, ErrorCode, Frame, PROTOCOL_VERSION};
+use ferry_proto::Source;
 use ferry_proto::{partition_of, ClusterId, Decree, DupId, Op, PartitionId, PlogRecord, Timetag};
-use ferry_store::plog::{list_segments, Committed, PlogReader};
-use ferry_store::Source;
 use ferry_tests::etcd::{http_get, Etcd};
 use ferry_tests::procs::{bin_path, free_port, loopback, Proc};
 
@@ -189,7 +189,7 @@ impl Harness {
     /// Every record durable in the inbox of source partition `sp` in target partition `tp`.
     fn inbox(&self, tp: u32, sp: u32) -> Vec<PlogRecord> {
         let pdir = self.data_dir().join(TABLE).join(tp.to_string());
-        let dir = ferry_store::inbox::inbox_dir(
+        let dir = ferry_log::inbox::inbox_dir(
             &pdir,
             Source {
                 cluster: bj(),

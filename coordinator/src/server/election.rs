@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::{Shared, Stage};
-use crate::meta::registry::{keep_lease_alive, LeaseEnd};
-use crate::meta::{list_nodes, Fence, MetaError, MetaStore};
-use crate::status::DupStatus;
+use ferry_meta::registry::{keep_lease_alive, LeaseEnd};
+use ferry_meta::status::DupStatus;
+use ferry_meta::{list_nodes, Fence, MetaError, MetaStore};
 
 /// The value a candidate puts under the election name.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! The admin HTTP API (routes listed in [`crate::api`]), `/health` and `/metrics`.
+//! The admin HTTP API (routes listed in [`ferry_admin::api`]), `/health` and `/metrics`.
 //!
 //! Admin routes run only on the leader. A standby forwards them to the leader it finds in the
 //! election and relays the answer; a request that was already forwarded once, or a leader that
@@ -20,14 +20,14 @@ use tokio_util::sync::CancellationToken;
 use ferry_proto::DupId;
 
 use super::{election, Shared};
-use crate::api::{
+use ferry_admin::api::{
     AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, HealthView, PartitionReceiver,
     PegasusAppDuplication, PegasusDup, SetFailMode, SetTableState, StatusView, TableDetail,
     TableReceivers, TableView,
 };
-use crate::meta::dups::DupPolicy;
-use crate::meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore, TableState};
-use crate::status::{DupEvent, FailMode};
+use ferry_meta::dups::DupPolicy;
+use ferry_meta::status::{DupEvent, FailMode};
+use ferry_meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore, TableState};
 
 /// Header set on a forwarded request (its value names the standby that forwarded it).
 pub const FORWARDED_BY: &str = "x-ferry-forwarded-by";
@@ -284,7 +284,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
         .collect();
     let mut dups = std::collections::BTreeMap::new();
     let mut progress = Vec::new();
-    let now = crate::meta::now_ms();
+    let now = ferry_meta::now_ms();
     for (table, dupid, d) in meta.all_dups().await? {
         *dups.entry(d.status.as_str().to_string()).or_insert(0) += 1;
         let Ok(info) = meta.table(&table).await else {
@@ -298,7 +298,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
                 continue;
             };
             let pending = pr.committed_decree.0.saturating_sub(pr.confirmed_decree.0);
-            progress.push(crate::api::ProgressView {
+            progress.push(ferry_admin::api::ProgressView {
                 table: table.clone(),
                 dupid,
                 remote: d.remote.clone(),
@@ -369,7 +369,7 @@ async fn table_receivers(
 ) -> ApiResult<TableReceivers> {
     let meta = leader(&shared)?;
     let desc = meta.describe_table(&table).await?;
-    let receivers = crate::meta::list_receivers(&meta).await?;
+    let receivers = ferry_meta::list_receivers(&meta).await?;
     let partitions = desc
         .partitions
         .iter()
@@ -440,6 +440,9 @@ async fn list_dups(
     ))
 }
 
+/// The refusal of `ferry dup add --full` until full duplication is built.
+pub const FULL_DUP_NOT_BUILT: &str = "full duplication (`ferry dup add --full`) is not implemented yet, so the dup was not added; add it without --full to ship the writes made from now on";
+
 async fn add_dup(
     State(shared): State<Arc<Shared>>,
     Path(table): Path<String>,
@@ -457,11 +460,14 @@ async fn add_dup(
             .collect(),
         remote_clusters: cfg.remote_clusters.keys().map(String::as_str).collect(),
     };
-    let mode = if req.full {
-        DupMode::Full
-    } else {
-        DupMode::Incremental
-    };
+    if req.full {
+        // Nothing advances a dup out of DS_PREPARE yet, so recording one would leave it there.
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            FULL_DUP_NOT_BUILT,
+        ));
+    }
+    let mode = DupMode::Incremental;
     let (dupid, info) = meta
         .add_dup(&table, &req.remote, mode, &policy, now_ms())
         .await?;

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::CoordinatorConfig;
-use crate::meta::{self, MetaError, MetaStore};
+use ferry_meta::{self as meta, MetaError, MetaStore};
 
 pub use metrics::Metrics;
 

@@ -1,23 +1,16 @@
 //! `receiver`: ferry's receiver. Parses flags, loads the config, sets up logging and runs the
 //! server (see `ferry_receiver::server`).
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 use ferry_receiver::{ReceiverArgs, ReceiverConfig};
 
 fn main() -> ExitCode {
     let args = ReceiverArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    ferry_proc::init_tracing();
+    ferry_proc::failpoints::setup_from_env();
     let config = match ReceiverConfig::load(&args) {
         Ok(c) => c,
         Err(e) => return fail(&e),

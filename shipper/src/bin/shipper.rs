@@ -1,23 +1,16 @@
 //! `shipper`: ferry's shipper. Parses flags, loads the config, sets up logging and runs the
 //! process (see `ferry_shipper::server`) until SIGINT or SIGTERM.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_shipper::config::{ShipperArgs, ShipperConfig};
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let args = ShipperArgs::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    ferry_proc::init_tracing();
+    ferry_proc::failpoints::setup_from_env();
     let config = match ShipperConfig::load(&args) {
         Ok(c) => c,
         Err(e) => return fail(&e),

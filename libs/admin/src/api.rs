@@ -1,0 +1,223 @@
+//! The admin HTTP API's request and response bodies, shared by the coordinator (server) and the
+//! `ferry` CLI (client), so a field is defined once.
+//!
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | GET | `/v1/status` | | [`StatusView`] |
+//! | GET | `/v1/tables` | | `[`[`TableView`]`]` |
+//! | POST | `/v1/tables` | [`CreateTable`] | [`TableDetail`] |
+//! | GET | `/v1/tables/{table}` | | [`TableDetail`] |
+//! | GET | `/v1/tables/{table}/receivers` | | [`TableReceivers`] (asked by remote shippers) |
+//! | DELETE | `/v1/tables/{table}` | | [`TableView`] |
+//! | PUT | `/v1/tables/{table}/state` | [`SetTableState`] | [`TableView`] |
+//! | GET | `/v1/tables/{table}/dups` | | `[`[`DupView`]`]` |
+//! | POST | `/v1/tables/{table}/dups` | [`AddDup`] | [`DupView`] |
+//! | GET | `/v1/tables/{table}/dups/{dupid}` | | [`DupView`] |
+//! | POST | `/v1/tables/{table}/dups/{dupid}/pause` | | [`DupView`] |
+//! | POST | `/v1/tables/{table}/dups/{dupid}/start` | | [`DupView`] |
+//! | PUT | `/v1/tables/{table}/dups/{dupid}/fail_mode` | [`SetFailMode`] | [`DupView`] |
+//! | DELETE | `/v1/tables/{table}/dups/{dupid}` | | [`DupView`] (status `DS_REMOVED`) |
+//! | GET | `/meta/app/duplication?name=T` | | [`PegasusAppDuplication`] |
+//! | GET | `/health` | | [`HealthView`] |
+//! | GET | `/metrics` | | Prometheus text |
+//!
+//! Errors are `{"error": "<one sentence>"}` with a 4xx/5xx status.
+
+use serde::{Deserialize, Serialize};
+
+use ferry_proto::DupId;
+
+use ferry_meta::tables::TableDescription;
+use ferry_meta::{DupInfo, NodeInfo, TableInfo, TableState};
+
+/// `POST /v1/tables`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateTable {
+    /// Table name.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: u32,
+}
+
+/// `POST /v1/tables/{table}/dups`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddDup {
+    /// Remote cluster name.
+    pub remote: String,
+    /// Full duplication (checkpoint first).
+    #[serde(default)]
+    pub full: bool,
+}
+
+/// `PUT /v1/tables/{table}/state`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetTableState {
+    /// `available`, `read_only` or `demoted`.
+    pub state: String,
+}
+
+/// `PUT /v1/tables/{table}/dups/{dupid}/fail_mode`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetFailMode {
+    /// `slow`, `skip`, `fast` (or `FAIL_SLOW`, ...).
+    pub fail_mode: String,
+}
+
+/// A table in a list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableView {
+    /// Name.
+    pub name: String,
+    /// Stored value.
+    #[serde(flatten)]
+    pub info: TableInfo,
+}
+
+/// A table with its partitions.
+pub type TableDetail = TableDescription;
+
+/// `GET /v1/tables/{table}/receivers`: which receiver takes each partition of a table. A
+/// shipper of another cluster asks this before it connects, and again after a failure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableReceivers {
+    /// The table.
+    pub table: String,
+    /// Its partition count.
+    pub partition_count: u32,
+    /// Its state.
+    pub state: TableState,
+    /// One entry per partition, in order.
+    pub partitions: Vec<PartitionReceiver>,
+}
+
+/// One partition in [`TableReceivers`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionReceiver {
+    /// The partition.
+    pub partition: u32,
+    /// The node hosting it, if placed.
+    pub node: Option<String>,
+    /// That node's receiver address, if a receiver is registered for it.
+    pub receiver_addr: Option<String>,
+}
+
+/// A dup, with its id and table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DupView {
+    /// The dupid.
+    pub dupid: DupId,
+    /// The source table.
+    pub table: String,
+    /// Stored value.
+    #[serde(flatten)]
+    pub info: DupInfo,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    /// Cluster name.
+    pub cluster: String,
+    /// Cluster id.
+    pub cluster_id: u8,
+    /// The leader's advertised address.
+    pub leader: String,
+    /// Every coordinator taking part in the election.
+    pub coordinators: Vec<CoordinatorView>,
+    /// Registered nodes.
+    pub nodes: Vec<NodeInfo>,
+    /// Number of tables.
+    pub tables: usize,
+    /// Number of dups per status.
+    pub dups: std::collections::BTreeMap<String, usize>,
+    /// Every live dup's progress per partition, as its shippers last wrote it to etcd.
+    #[serde(default)]
+    pub progress: Vec<ProgressView>,
+}
+
+/// One (dup, partition) in [`StatusView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProgressView {
+    pub table: String,
+    pub dupid: DupId,
+    pub remote: String,
+    /// The dup's status name.
+    pub status: String,
+    pub partition: u32,
+    /// Highest decree the target has made durable (0: nothing shipped yet).
+    pub confirmed_decree: u64,
+    /// The source partition's committed decree when the shipper last wrote progress.
+    pub committed_decree: u64,
+    /// `committed_decree - confirmed_decree`.
+    pub pending_mutations: u64,
+    /// 0 when nothing is pending; otherwise the age of the last confirmed write, in ms (an
+    /// upper bound of the lag; the shipper's `dup_lag_ms` is exact).
+    pub lag_ms: u64,
+    /// How old this record is, ms (a shipper writes it every `progress_interval` while shipping).
+    pub age_ms: u64,
+}
+
+/// One coordinator in the election (its election value).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoordinatorView {
+    /// Instance name.
+    pub id: String,
+    /// Admin address.
+    pub addr: String,
+    /// Whether it leads.
+    #[serde(default)]
+    pub leader: bool,
+}
+
+/// `GET /health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealthView {
+    /// Always `coordinator`.
+    pub process: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// Instance name.
+    pub id: String,
+    /// The start-up stage reached: `loading_config`, `connecting_etcd`, `checking_config`,
+    /// `campaigning` (standby), `leader`.
+    pub stage: String,
+    /// Every stage reached so far, in order.
+    pub stages: Vec<String>,
+    /// The leader's address, when known.
+    pub leader: Option<String>,
+    /// The last etcd error, while etcd is unreachable.
+    pub etcd_error: Option<String>,
+}
+
+/// `GET /meta/app/duplication?name=T`, shaped like Pegasus's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PegasusAppDuplication {
+    /// Table id.
+    pub appid: u32,
+    /// Table name.
+    pub app_name: String,
+    /// The dups.
+    pub duplications: Vec<PegasusDup>,
+}
+
+/// One dup in [`PegasusAppDuplication`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PegasusDup {
+    /// The dupid.
+    pub dupid: DupId,
+    /// Remote cluster.
+    pub remote: String,
+    /// Status name.
+    pub status: String,
+    /// Creation time, ms.
+    pub create_ts: u64,
+    /// Fail mode name.
+    pub fail_mode: String,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// One sentence.
+    pub error: String,
+}

@@ -1,0 +1,302 @@
+//! Everything RocksDB-specific: options, the key layout, meta keys, and the tombstone filter.
+//!
+//! One column family holds both user data and the partition's meta keys, so a single write batch,
+//! and a single memtable flush, moves data and progress together. The RocksDB WAL is off (the
+//! plog is the durable log, as in Pegasus); what reached an SST is what survived.
+//!
+//! Key layout: `b'd' ++ user_key` for data, `b'm' ++ name` for meta (the `META_*` keys).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::{Decree, Source, StoredValue};
+use rocksdb::compaction_filter::Decision;
+use rocksdb::{DBPinnableSlice, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+use crate::clock;
+use crate::error::StoreError;
+
+const DATA: u8 = b'd';
+const META_APPLIED: &[u8] = b"mapplied_decree";
+const META_CLOCK: &[u8] = b"mclock_us";
+const META_DUP_PREFIX: &[u8] = b"mdup/";
+
+/// A user key and its stored value bytes.
+pub type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+pub struct Engine {
+    db: Arc<DB>,
+    dir: PathBuf,
+    write_opts: WriteOptions,
+}
+
+impl Engine {
+    /// Opens (or creates) the RocksDB instance in `dir`. Tombstones and expired values older than
+    /// `tombstone_retention` are purged by compaction.
+    pub fn open(dir: &Path, tombstone_retention: Duration) -> Result<Engine, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_max_background_jobs(2);
+        // Meta keys must stay behind data on flush: both are in the default CF, so they are.
+        let retention_us = tombstone_retention.as_micros() as u64;
+        opts.set_compaction_filter(
+            "ferry_tombstones",
+            move |_level, key: &[u8], value: &[u8]| {
+                purge_decision(key, value, clock::wall_us(), retention_us)
+            },
+        );
+        let db = DB::open(&opts, dir).map_err(|e| StoreError::rocks("open", dir, e))?;
+        let mut write_opts = WriteOptions::default();
+        write_opts.disable_wal(true);
+        Ok(Engine {
+            db: Arc::new(db),
+            dir: dir.to_path_buf(),
+            write_opts,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The last decree whose effects are in RocksDB (memtable or SST).
+    pub fn applied_decree(&self) -> Result<Decree, StoreError> {
+        Ok(Decree(self.meta_u64(META_APPLIED)?.unwrap_or(0)))
+    }
+
+    /// The applied decree of the database in `dir` (a checkpoint), opened read-only.
+    pub fn applied_decree_at(dir: &Path) -> Result<Decree, StoreError> {
+        let db = DB::open_for_read_only(&Options::default(), dir, false)
+            .map_err(|e| StoreError::rocks("open read-only", dir, e))?;
+        let engine = Engine {
+            db: Arc::new(db),
+            dir: dir.to_path_buf(),
+            write_opts: WriteOptions::default(),
+        };
+        engine.applied_decree()
+    }
+
+    /// The last hybrid-clock timestamp written with a batch.
+    pub fn clock_us(&self) -> Result<u64, StoreError> {
+        Ok(self.meta_u64(META_CLOCK)?.unwrap_or(0))
+    }
+
+    /// The last source decree applied from `source`.
+    pub fn dup_progress(&self, source: Source) -> Result<Decree, StoreError> {
+        Ok(Decree(self.meta_u64(&dup_key(source))?.unwrap_or(0)))
+    }
+
+    /// Reads the stored value of a user key, tombstones and expired values included.
+    pub fn get_raw(&self, user_key: &[u8]) -> Result<Option<DBPinnableSlice<'_>>, StoreError> {
+        self.db
+            .get_pinned(data_key(user_key))
+            .map_err(|e| StoreError::rocks("get", &self.dir, e))
+    }
+
+    /// The timetag stored for `user_key`, if any (tombstones included).
+    pub fn stored_timetag(
+        &self,
+        user_key: &[u8],
+    ) -> Result<Option<ferry_proto::Timetag>, StoreError> {
+        let Some(raw) = self.get_raw(user_key)? else {
+            return Ok(None);
+        };
+        Ok(StoredValue::decode(&raw).ok().map(|v| v.timetag))
+    }
+
+    /// Iterates data entries with user keys strictly after `after` (or from the start).
+    /// Yields `(user_key, stored_value_bytes)`.
+    pub fn scan_from(
+        &self,
+        after: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<KeyValue, StoreError>> + '_ {
+        let start = match after {
+            Some(k) => {
+                let mut s = data_key(k);
+                s.push(0); // smallest key strictly greater than `after`
+                s
+            }
+            None => vec![DATA],
+        };
+        self.db
+            .iterator(IteratorMode::From(&start, Direction::Forward))
+            .map(|item| item.map_err(|e| StoreError::rocks("iterate", &self.dir, e)))
+            .take_while(|item| {
+                item.as_ref()
+                    .map_or(true, |(k, _)| k.first() == Some(&DATA))
+            })
+            .map(|item| item.map(|(k, v)| (k[1..].into(), v)))
+    }
+
+    pub fn write(&self, batch: Batch) -> Result<(), StoreError> {
+        fail::fail_point!("rocksdb-write", |arg| Err(StoreError::io(
+            "rocksdb write batch",
+            &self.dir,
+            ferry_log::error::injected_io_error(arg)
+        )));
+        self.db
+            .write_opt(batch.0, &self.write_opts)
+            .map_err(|e| StoreError::rocks("write batch", &self.dir, e))
+    }
+
+    /// Flushes the memtable, making every applied decree durable in SSTs.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db
+            .flush()
+            .map_err(|e| StoreError::rocks("flush", &self.dir, e))
+    }
+
+    /// Makes a RocksDB checkpoint (hard links where possible) in `dir`, which must not exist.
+    /// The memtable is flushed first, so the checkpoint holds everything applied.
+    pub fn checkpoint(&self, dir: &Path) -> Result<(), StoreError> {
+        // With the WAL off, only flushed data can be in a checkpoint: flush explicitly rather
+        // than rely on the checkpoint's own flush heuristics.
+        self.flush()?;
+        let cp = rocksdb::checkpoint::Checkpoint::new(&*self.db)
+            .map_err(|e| StoreError::rocks("checkpoint", &self.dir, e))?;
+        cp.create_checkpoint(dir)
+            .map_err(|e| StoreError::rocks("create checkpoint", &self.dir, e))
+    }
+
+    /// Runs a full manual compaction (tests use it to check the tombstone filter).
+    pub fn compact_all(&self) {
+        self.db.compact_range::<&[u8], &[u8]>(None, None);
+    }
+
+    fn meta_u64(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        let Some(v) = self
+            .db
+            .get_pinned(key)
+            .map_err(|e| StoreError::rocks("get meta", &self.dir, e))?
+        else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = v
+            .as_ref()
+            .try_into()
+            .map_err(|_| StoreError::Inconsistent {
+                dir: self.dir.clone(),
+                reason: format!(
+                    "meta key {} has {} bytes, expected 8",
+                    String::from_utf8_lossy(key),
+                    v.len()
+                ),
+            })?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+}
+
+/// A write batch in ferry's key layout.
+#[derive(Default)]
+pub struct Batch(WriteBatch);
+
+impl Batch {
+    pub fn put_value(&mut self, user_key: &[u8], stored: &[u8]) {
+        self.0.put(data_key(user_key), stored);
+    }
+
+    pub fn set_applied(&mut self, decree: Decree, clock_us: u64) {
+        self.0.put(META_APPLIED, decree.0.to_be_bytes());
+        self.0.put(META_CLOCK, clock_us.to_be_bytes());
+    }
+
+    pub fn set_clock(&mut self, clock_us: u64) {
+        self.0.put(META_CLOCK, clock_us.to_be_bytes());
+    }
+
+    pub fn set_dup_progress(&mut self, source: Source, decree: Decree) {
+        self.0.put(dup_key(source), decree.0.to_be_bytes());
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn data_key(user_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + user_key.len());
+    k.push(DATA);
+    k.extend_from_slice(user_key);
+    k
+}
+
+fn dup_key(source: Source) -> Vec<u8> {
+    let mut k = META_DUP_PREFIX.to_vec();
+    k.push(source.cluster.get());
+    k.extend_from_slice(&source.partition.0.to_be_bytes());
+    k
+}
+
+/// The tombstone filter's decision for one entry. A tombstone, or a value that expired, is purged
+/// once its write time (or expiry) is older than the retention: by then every cluster has seen
+/// it, so last-writer-wins no longer needs its timetag. RocksDB turns `Remove` into a deletion
+/// marker, so older versions of the key do not come back.
+fn purge_decision(key: &[u8], value: &[u8], now_us: u64, retention_us: u64) -> Decision {
+    if key.first() != Some(&DATA) {
+        return Decision::Keep;
+    }
+    let Ok(v) = StoredValue::decode(value) else {
+        return Decision::Keep;
+    };
+    let horizon_us = now_us.saturating_sub(retention_us);
+    let dead_since_us = if v.is_tombstone() {
+        Some(v.timetag.timestamp_us())
+    } else if v.expire_at_ms != 0 {
+        Some(v.expire_at_ms.saturating_mul(1000))
+    } else {
+        None
+    };
+    match dead_since_us {
+        Some(t) if t < horizon_us => Decision::Remove,
+        _ => Decision::Keep,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_proto::{ClusterId, Timetag};
+
+    use super::*;
+
+    fn cid() -> ClusterId {
+        ClusterId::new(1).expect("valid id")
+    }
+
+    #[test]
+    fn purge_only_old_tombstones_and_expired() {
+        let hour_us = 3_600_000_000;
+        let now = 10 * hour_us;
+        let old_del = StoredValue {
+            timetag: Timetag::new(now - 2 * hour_us, cid(), true),
+            expire_at_ms: 0,
+            user: b"",
+        };
+        let new_del = StoredValue {
+            timetag: Timetag::new(now - 10, cid(), true),
+            ..old_del
+        };
+        let live = StoredValue {
+            timetag: Timetag::new(1, cid(), false),
+            expire_at_ms: 0,
+            user: b"v",
+        };
+        let expired = StoredValue {
+            expire_at_ms: (now - 2 * hour_us) / 1000,
+            ..live
+        };
+        let d = |v: StoredValue<'_>| purge_decision(&data_key(b"k"), &v.encode(), now, hour_us);
+        assert!(matches!(d(old_del), Decision::Remove));
+        assert!(matches!(d(new_del), Decision::Keep));
+        assert!(
+            matches!(d(live), Decision::Keep),
+            "values without expiry live forever"
+        );
+        assert!(matches!(d(expired), Decision::Remove));
+        assert!(matches!(
+            purge_decision(META_APPLIED, &old_del.encode(), now, hour_us),
+            Decision::Keep
+        ));
+    }
+}

@@ -1,0 +1,103 @@
+//! Where the files of a node's data dir are. The node, the shipper and the receiver each open
+//! files here (they meet only through them), so the paths are spelled out in this one place:
+//!
+//! ```text
+//! <data_dir>/<table>/<p>/db/                         RocksDB (the node only)
+//! <data_dir>/<table>/<p>/plog/<first:020>.plog       the partition's plog segments
+//! <data_dir>/<table>/<p>/plog/committed              the committed marker the shipper tails
+//! <data_dir>/<table>/<p>/inbox/<cid>-<sp>/           one source partition's inbox log (+ committed)
+//! <data_dir>/<table>/.fences/<cid>-<dupid>-<sp>      the receiver's fencing tokens
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use ferry_proto::{PartitionId, Source};
+
+/// The RocksDB directory inside a partition directory.
+pub const DB_DIR: &str = ferry_proto::checkpoint::DB_DIR;
+/// The plog directory inside a partition directory.
+pub const PLOG_DIR: &str = "plog";
+/// The directory of the inbox logs inside a partition directory.
+pub const INBOX_DIR: &str = "inbox";
+/// The directory of the fencing-token files inside a table directory.
+pub const FENCES_DIR: &str = ".fences";
+
+/// A node's data dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Layout {
+        Layout {
+            root: data_dir.into(),
+        }
+    }
+
+    /// The data dir itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<data_dir>/<table>`.
+    pub fn table(&self, table: &str) -> PathBuf {
+        self.root.join(table)
+    }
+
+    /// `<data_dir>/<table>/<p>`.
+    pub fn partition(&self, table: &str, p: PartitionId) -> PathBuf {
+        self.table(table).join(p.0.to_string())
+    }
+
+    /// `<data_dir>/<table>/<p>/plog`.
+    pub fn plog(&self, table: &str, p: PartitionId) -> PathBuf {
+        plog_dir(&self.partition(table, p))
+    }
+
+    /// `<data_dir>/<table>/.fences`.
+    pub fn fences(&self, table: &str) -> PathBuf {
+        self.table(table).join(FENCES_DIR)
+    }
+}
+
+/// The plog directory of the partition in `partition_dir`.
+pub fn plog_dir(partition_dir: &Path) -> PathBuf {
+    partition_dir.join(PLOG_DIR)
+}
+
+/// The RocksDB directory of the partition in `partition_dir`.
+pub fn db_dir(partition_dir: &Path) -> PathBuf {
+    partition_dir.join(DB_DIR)
+}
+
+/// The inbox log of `source` in the partition in `partition_dir`.
+pub fn inbox_dir(partition_dir: &Path, source: Source) -> PathBuf {
+    partition_dir
+        .join(INBOX_DIR)
+        .join(format!("{}-{}", source.cluster.get(), source.partition.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_proto::ClusterId;
+
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let l = Layout::new("/d");
+        let p = PartitionId(3);
+        assert_eq!(l.plog("t", p), PathBuf::from("/d/t/3/plog"));
+        assert_eq!(db_dir(&l.partition("t", p)), PathBuf::from("/d/t/3/db"));
+        assert_eq!(l.fences("t"), PathBuf::from("/d/t/.fences"));
+        let source = Source {
+            cluster: ClusterId::new(2).expect("id"),
+            partition: PartitionId(5),
+        };
+        assert_eq!(
+            inbox_dir(&l.partition("t", p), source),
+            PathBuf::from("/d/t/3/inbox/2-5")
+        );
+    }
+}

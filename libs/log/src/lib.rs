@@ -1,0 +1,17 @@
+//! ferry's log files: the plog a node writes and a shipper reads, and the inbox a receiver writes
+//! and a node applies. No RocksDB: the shipper and the receiver link this crate, not the engine.
+//!
+//! - [`layout`]: where every shared file of a data dir is, in one place.
+//! - [`plog`]: segment files of CRC-checked records, recovery (torn tails), the writer, the
+//!   reader that any process can run, the committed marker, GC.
+//! - [`inbox`]: the receiver's end of one source partition's inbox log.
+//! - [`clock`]: wall-clock readings for commit times.
+
+pub mod clock;
+pub mod error;
+pub mod inbox;
+pub mod layout;
+pub mod plog;
+
+pub use error::LogError;
+pub use layout::Layout;

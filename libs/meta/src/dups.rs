@@ -1,0 +1,348 @@
+//! Duplications: add, list, status changes through [`crate::status::transition`], fail mode,
+//! remove, and per-partition progress.
+//!
+//! Every change reads the dup, computes the new value, and writes it back only if the dup's
+//! `mod_revision` is unchanged; a lost race re-reads and re-decides. So two operators pausing and
+//! removing at once are applied one after the other, each judged against the status the other
+//! left.
+
+use etcd_client::{Compare, CompareOp, DeleteOptions, KeyValue, TxnOp};
+use serde_json::Map;
+
+use ferry_proto::{DupId, PartitionId};
+
+use crate::keys::Keys;
+use crate::status::{transition, DupEvent, DupStatus, FailMode};
+use crate::{
+    decode, encode, known_table, unchanged, DupInfo, DupMode, MetaError, MetaStore, Progress,
+    TableState, CAS_ATTEMPTS,
+};
+
+/// What a new dup is checked against: the clusters it may go to.
+#[derive(Debug, Clone)]
+pub struct DupPolicy<'a> {
+    /// This cluster's name (a dup to itself is refused).
+    pub local_cluster: &'a str,
+    /// Names in the duplication group.
+    pub duplication_group: Vec<&'a str>,
+    /// Names in the configured remote clusters.
+    pub remote_clusters: Vec<&'a str>,
+}
+
+impl DupPolicy<'_> {
+    /// Refuses a remote that is not both in the duplication group and a configured remote.
+    pub fn check_remote(&self, table: &str, remote: &str) -> Result<(), MetaError> {
+        if remote == self.local_cluster {
+            return Err(MetaError::Invalid(format!(
+                "cannot duplicate table {table} of cluster {remote} to itself; name a remote cluster"
+            )));
+        }
+        if !self.duplication_group.contains(&remote) {
+            return Err(MetaError::Invalid(format!(
+                "cluster {remote} is not in the duplication group ({}); add it to cluster.duplication_group on every process of both clusters first",
+                self.duplication_group.join(", ")
+            )));
+        }
+        if !self.remote_clusters.contains(&remote) {
+            return Err(MetaError::Invalid(format!(
+                "cluster {remote} is not a configured remote cluster ({}); add it to [remote_clusters] in the coordinator config first",
+                if self.remote_clusters.is_empty() { "none configured".to_string() } else { self.remote_clusters.join(", ") }
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl MetaStore {
+    /// The dups of a table, oldest first. [`MetaError::NoSuchTable`] if the table is unknown.
+    pub async fn list_dups(&self, table: &str) -> Result<Vec<(DupId, DupInfo)>, MetaError> {
+        known_table(table)?;
+        let prefix = self.keys().dups(table);
+        let mut out = Vec::new();
+        for kv in self.get_prefix(prefix.clone()).await? {
+            if let Some(id) = Keys::leaf(kv.key(), &prefix).and_then(|s| s.parse::<u64>().ok()) {
+                out.push((DupId(id), decode(&kv)?));
+            }
+        }
+        if out.is_empty() {
+            // Tell an empty list from a typo in the table's name.
+            self.table(table).await?;
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+
+    /// Every dup of every table, for status and metrics.
+    pub async fn all_dups(&self) -> Result<Vec<(String, DupId, DupInfo)>, MetaError> {
+        let prefix = self.keys().all_dups();
+        let mut out = Vec::new();
+        for kv in self.get_prefix(prefix.clone()).await? {
+            let Some(rest) = kv.key().strip_prefix(prefix.as_bytes()) else {
+                continue;
+            };
+            let rest = String::from_utf8_lossy(rest);
+            let mut parts = rest.split('/');
+            if let (Some(t), Some(id), None) = (parts.next(), parts.next(), parts.next()) {
+                if let Ok(id) = id.parse::<u64>() {
+                    out.push((t.to_owned(), DupId(id), decode(&kv)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One dup.
+    pub async fn dup(&self, table: &str, dupid: DupId) -> Result<DupInfo, MetaError> {
+        let (_, info) = self.dup_kv(table, dupid).await?;
+        Ok(info)
+    }
+
+    /// Adds a dup of `table` to `remote`. The dupid is the creation time in seconds, bumped past
+    /// the last dupid handed out, so dupids are unique and increasing in the cluster. A full dup
+    /// is recorded in `DS_PREPARE`, an incremental one in `DS_LOG`.
+    pub async fn add_dup(
+        &self,
+        table: &str,
+        remote: &str,
+        mode: DupMode,
+        policy: &DupPolicy<'_>,
+        now_ms: u64,
+    ) -> Result<(DupId, DupInfo), MetaError> {
+        known_table(table)?;
+        policy.check_remote(table, remote)?;
+        let table_key = self.keys().table(table);
+        let seq_key = self.keys().dupid_seq();
+        let event = match mode {
+            DupMode::Full => DupEvent::Prepare,
+            DupMode::Incremental => DupEvent::Log,
+        };
+        // Decided by the pure machine, so an add obeys the same rules as every other change.
+        let status =
+            transition(DupStatus::Init, event).map_err(|e| MetaError::Invalid(e.to_string()))?;
+        for _ in 0..CAS_ATTEMPTS {
+            let table_kv = self
+                .get(table_key.clone())
+                .await?
+                .ok_or_else(|| MetaError::NoSuchTable(table.into()))?;
+            let info: crate::TableInfo = decode(&table_kv)?;
+            if info.state != TableState::Available {
+                return Err(MetaError::Conflict(format!(
+                    "table {table} is {}; a dup can only be added to an available table",
+                    info.state
+                )));
+            }
+            if let Some((id, _)) = self
+                .list_dups(table)
+                .await?
+                .into_iter()
+                .find(|(_, d)| d.remote == remote && d.status != DupStatus::Removed)
+            {
+                return Err(MetaError::Conflict(format!(
+                    "table {table} already has dup {id} to cluster {remote}; remove it first to add another"
+                )));
+            }
+            let seq = self.get(seq_key.clone()).await?;
+            let last: u64 = match &seq {
+                Some(kv) => decode(kv)?,
+                None => 0,
+            };
+            let dupid = DupId((now_ms / 1000).max(last + 1));
+            let dup_key = self.keys().dup(table, dupid);
+            let dup = DupInfo {
+                remote: remote.into(),
+                status,
+                create_timestamp_ms: now_ms,
+                fail_mode: FailMode::Slow,
+                mode,
+                remote_table: table.into(),
+                extra: Map::new(),
+            };
+            let ok = self
+                .cas(
+                    vec![
+                        unchanged(&seq_key, seq.as_ref()),
+                        unchanged(&table_key, Some(&table_kv)),
+                        Compare::version(dup_key.clone(), CompareOp::Equal, 0),
+                    ],
+                    vec![
+                        TxnOp::put(seq_key.clone(), encode(&dupid.0), None),
+                        TxnOp::put(dup_key, encode(&dup), None),
+                    ],
+                )
+                .await?;
+            if ok {
+                return Ok((dupid, dup));
+            }
+        }
+        Err(MetaError::Contended { key: seq_key })
+    }
+
+    /// Applies a status event (pause, start, ...) through the status machine. A repeated event
+    /// is a no-op; [`DupEvent::Remove`] deletes the dup's subtree (see [`MetaStore::remove_dup`]).
+    pub async fn apply_dup_event(
+        &self,
+        table: &str,
+        dupid: DupId,
+        event: DupEvent,
+    ) -> Result<DupInfo, MetaError> {
+        if event == DupEvent::Remove {
+            let mut info = self.remove_dup(table, dupid).await?;
+            info.status = DupStatus::Removed;
+            return Ok(info);
+        }
+        self.update_dup(table, dupid, |d| {
+            d.status = transition(d.status, event).map_err(|e| MetaError::IllegalTransition {
+                table: table.into(),
+                dupid,
+                from: e.from,
+                event: e.event,
+            })?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets the fail mode of a dup that is not removed.
+    pub async fn set_fail_mode(
+        &self,
+        table: &str,
+        dupid: DupId,
+        mode: FailMode,
+    ) -> Result<DupInfo, MetaError> {
+        self.update_dup(table, dupid, |d| {
+            if d.status == DupStatus::Removed {
+                return Err(MetaError::Conflict(format!(
+                    "dup {dupid} of table {table} is in DS_REMOVED; its fail mode cannot change"
+                )));
+            }
+            d.fail_mode = mode;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes a dup and its subtree (progress, checkpoints) in one transaction. Returns the
+    /// dup as it was.
+    pub async fn remove_dup(&self, table: &str, dupid: DupId) -> Result<DupInfo, MetaError> {
+        let key = self.keys().dup(table, dupid);
+        for _ in 0..CAS_ATTEMPTS {
+            let (kv, info) = self.dup_kv(table, dupid).await?;
+            let ok = self
+                .cas(
+                    vec![unchanged(&key, Some(&kv))],
+                    vec![
+                        TxnOp::delete(key.clone(), None),
+                        TxnOp::delete(
+                            self.keys().dup_subtree(table, dupid),
+                            Some(DeleteOptions::new().with_prefix()),
+                        ),
+                    ],
+                )
+                .await?;
+            if ok {
+                return Ok(info);
+            }
+        }
+        Err(MetaError::Contended { key })
+    }
+
+    /// A dup's progress on one partition, if a shipper has written any.
+    pub async fn progress(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+    ) -> Result<Option<Progress>, MetaError> {
+        match self.get(self.keys().progress(table, dupid, p)).await? {
+            Some(kv) => Ok(Some(decode(&kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Advances a dup's confirmed decree on one partition. The decree never goes backwards (an
+    /// older value is ignored); at an equal decree the other fields (committed decree, time)
+    /// are refreshed. The write fails if the dup was removed meanwhile.
+    pub async fn advance_progress(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+        progress: &Progress,
+    ) -> Result<Progress, MetaError> {
+        known_table(table)?;
+        let dup_key = self.keys().dup(table, dupid);
+        let key = self.keys().progress(table, dupid, p);
+        for _ in 0..CAS_ATTEMPTS {
+            let old = self.get(key.clone()).await?;
+            let mut progress = progress.clone();
+            if let Some(kv) = &old {
+                let stored: Progress = decode(kv)?;
+                // Fields a newer writer added are kept.
+                for (k, v) in &stored.extra {
+                    progress.extra.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                if stored.confirmed_decree > progress.confirmed_decree || stored == progress {
+                    return Ok(stored);
+                }
+            }
+            let ok = self
+                .cas(
+                    vec![
+                        unchanged(&key, old.as_ref()),
+                        Compare::version(dup_key.clone(), CompareOp::Greater, 0),
+                    ],
+                    vec![TxnOp::put(key.clone(), encode(&progress), None)],
+                )
+                .await?;
+            if ok {
+                return Ok(progress);
+            }
+            if self.get(dup_key.clone()).await?.is_none() {
+                return Err(MetaError::NoSuchDup {
+                    table: table.into(),
+                    dupid,
+                });
+            }
+        }
+        Err(MetaError::Contended { key })
+    }
+
+    /// Read-modify-write of one dup with compare-and-swap.
+    async fn update_dup(
+        &self,
+        table: &str,
+        dupid: DupId,
+        change: impl FnMut(&mut DupInfo) -> Result<(), MetaError>,
+    ) -> Result<DupInfo, MetaError> {
+        known_table(table)?;
+        match self
+            .update_json(&self.keys().dup(table, dupid), change)
+            .await?
+        {
+            Some(info) => Ok(info),
+            None => Err(self.no_such_dup(table, dupid).await),
+        }
+    }
+
+    async fn dup_kv(&self, table: &str, dupid: DupId) -> Result<(KeyValue, DupInfo), MetaError> {
+        known_table(table)?;
+        match self.get(self.keys().dup(table, dupid)).await? {
+            Some(kv) => {
+                let info = decode(&kv)?;
+                Ok((kv, info))
+            }
+            None => Err(self.no_such_dup(table, dupid).await),
+        }
+    }
+
+    /// The error for a missing dup: an unknown table, or an unknown dup of a known table.
+    async fn no_such_dup(&self, table: &str, dupid: DupId) -> MetaError {
+        match self.table(table).await {
+            Ok(_) => MetaError::NoSuchDup {
+                table: table.into(),
+                dupid,
+            },
+            Err(e) => e,
+        }
+    }
+}

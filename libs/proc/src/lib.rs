@@ -1,0 +1,93 @@
+//! What every ferry process does the same way around its own work: logging set-up, signals,
+//! one-sentence errors for a port that cannot be bound and for a config file that does not parse,
+//! and the runtime control of the [`failpoints`].
+
+pub mod failpoints;
+
+use std::fmt;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+
+use anyhow::anyhow;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Logs to stderr at `RUST_LOG` (default `info`), with colours only on a terminal.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// A bind failure as one sentence with what to do (shared by every ferry server process).
+pub fn listen_error(what: &str, flag: &str, addr: SocketAddr, e: &std::io::Error) -> anyhow::Error {
+    let hint = match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            format!("another process uses it; stop that process or choose another {flag}")
+        }
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("no local interface has that address; choose another {flag}")
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            format!("ports below 1024 need privileges; choose another {flag}")
+        }
+        _ => format!("check {flag}"),
+    };
+    anyhow!("cannot listen for {what} on {addr} ({e}); {hint}")
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT, and exits at once on the second, logging
+/// `on_second` (what that costs, e.g. "the next start replays the plogs").
+pub fn watch_signals(
+    shutdown: CancellationToken,
+    on_second: &'static str,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+        shutdown.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting without waiting; {on_second}");
+        std::process::exit(130);
+    }))
+}
+
+/// toml's errors span several lines (with a source excerpt); a start-up error is one sentence
+/// that still shows the offending line, so the key is named.
+pub fn one_line<'a>(e: &'a toml::de::Error, text: &'a str) -> impl fmt::Display + 'a {
+    struct OneLine<'a>(&'a toml::de::Error, &'a str);
+    impl fmt::Display for OneLine<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let msg = self.0.message().trim_end_matches('\n');
+            let Some(start) = self.0.span().map(|s| s.start) else {
+                return f.write_str(msg);
+            };
+            let before = self.1.get(..start).unwrap_or(self.1);
+            let line_no = before.matches('\n').count() + 1;
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            let line = self
+                .1
+                .get(line_start..)
+                .unwrap_or_default()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim();
+            write!(f, "{msg} at line {line_no}: `{line}`")
+        }
+    }
+    OneLine(e, text)
+}

@@ -1,0 +1,256 @@
+//! The node's part in a cluster, when `etcd_endpoints` is set (see `docs/operations.md`).
+//!
+//! At start-up, in order: connect to etcd → compare this node's cluster config with the stored
+//! one (refuse to start, naming the field, if they differ; wait while no coordinator has stored
+//! one yet) → register under a lease → wait until the table exists and its partitions are placed
+//! on this node. The caller then opens the partitions and, last, the client port.
+//!
+//! While serving, [`watch_table`] follows the table's state (a `read_only` or `demoted` table
+//! refuses writes with a retryable error) and [`gc_plogs`] deletes plog segments that every
+//! duplication has confirmed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _};
+use ferry_meta::config::ClusterConfig;
+use ferry_meta::status::DupStatus;
+use ferry_meta::{
+    check_cluster_config, register_node, MetaError, MetaStore, NodeInfo, Registration, TableState,
+};
+use ferry_proto::{Decree, PartitionId};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeConfig;
+use crate::{Node, Stage, StageCell};
+
+/// How often the waits and watches below look at etcd again.
+const POLL: Duration = Duration::from_millis(500);
+
+/// A node that has joined its cluster.
+pub struct Member {
+    pub meta: MetaStore,
+    pub name: String,
+    registration: Registration,
+}
+
+impl Member {
+    /// Removes the node from the registry now (clean shutdown).
+    pub async fn leave(self) {
+        self.registration.deregister().await;
+    }
+}
+
+/// The shared part of the config, as this node sees it.
+pub fn cluster_config(config: &NodeConfig) -> ClusterConfig {
+    ClusterConfig {
+        name: config.cluster.clone(),
+        id: config.cluster_id.unwrap_or(0),
+        duplication_group: config.duplication_group.clone(),
+        partition_hash: ferry_meta::config::DEFAULT_PARTITION_HASH.into(),
+        plog_format_version: ferry_meta::config::DEFAULT_PLOG_FORMAT_VERSION,
+    }
+}
+
+/// Joins the cluster (see the module docs). `Ok(None)` if `shutdown` fired meanwhile.
+pub async fn join(
+    config: &NodeConfig,
+    http_addr: std::net::SocketAddr,
+    stage: &StageCell,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Member>> {
+    let name = config.node_name();
+    stage.set(Stage::ConnectingEtcd);
+    let meta = MetaStore::connect(&config.etcd_endpoints, &config.cluster, config.etcd_timeout)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+
+    stage.set(Stage::CheckingConfig);
+    let ours = cluster_config(config);
+    let mut said = false;
+    loop {
+        match check_cluster_config(&meta, &ours).await {
+            Ok(()) => break,
+            Err(MetaError::ConfigMissing(key)) => {
+                if !said {
+                    tracing::info!(%key, "waiting for the first coordinator to store the cluster config");
+                    said = true;
+                }
+            }
+            Err(e) => bail!("{e}"),
+        }
+        if sleep_or_stop(shutdown).await {
+            return Ok(None);
+        }
+    }
+
+    stage.set(Stage::Registering);
+    let mut info = NodeInfo::new(&name, &config.resp_addr.to_string());
+    info.http_addr = Some(http_addr.to_string());
+    let registration = register_node(&meta, info, config.lease_ttl)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    tracing::info!(node = %name, lease_ttl_ms = config.lease_ttl.as_millis() as u64, "registered");
+
+    stage.set(Stage::WaitingForTable);
+    let mut said = false;
+    loop {
+        match meta.assignments(&name).await {
+            Ok(tables) => {
+                if let Some(a) = tables.iter().find(|a| a.table == config.table) {
+                    let count = a.info.partition_count;
+                    if count != config.partitions {
+                        bail!(
+                            "table `{}` has {count} partitions in etcd but this node's `partitions` \
+                             is {}; set partitions = {count} (a table's partition count never changes)",
+                            config.table,
+                            config.partitions
+                        );
+                    }
+                    if a.partitions.len() as u32 == count {
+                        break;
+                    }
+                    bail!(
+                        "table `{}` has {} of its {count} partitions on node `{name}` and the rest on \
+                         other nodes; a node serves a whole table in this version, so run one node \
+                         per cluster for it",
+                        config.table,
+                        a.partitions.len()
+                    );
+                }
+                if !said {
+                    tracing::info!(table = %config.table, node = %name,
+                        "waiting for the table to be created and placed on this node (`ferry table create`)");
+                    said = true;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "read the partition table"),
+        }
+        if sleep_or_stop(shutdown).await {
+            registration.deregister().await;
+            return Ok(None);
+        }
+    }
+    Ok(Some(Member {
+        meta,
+        name,
+        registration,
+    }))
+}
+
+/// `true` if `shutdown` fired during the pause.
+async fn sleep_or_stop(shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(POLL) => false,
+    }
+}
+
+/// Follows the table's state until cancelled: writes are refused while it is `read_only` or
+/// `demoted`. etcd being away leaves the last known state in force. Cancellation-safe.
+pub async fn watch_table(meta: MetaStore, node: Arc<Node>, cancel: CancellationToken) {
+    let table = node.config.table.clone();
+    let mut last: Option<TableState> = None;
+    loop {
+        match meta.table(&table).await {
+            Ok(info) => {
+                if last != Some(info.state) {
+                    tracing::info!(table = %table, state = info.state.as_str(), "table state");
+                    last = Some(info.state);
+                }
+                node.set_write_block(match info.state {
+                    TableState::ReadOnly => Some(format!(
+                        "TRYAGAIN table `{table}` is read-only (fenced, e.g. during failover); retry in a few seconds"
+                    )),
+                    TableState::Demoted => Some(format!(
+                        "TRYAGAIN table `{table}` is demoted: another cluster serves its writes now; write there, or retry after failback"
+                    )),
+                    TableState::Available | TableState::Creating => None,
+                });
+            }
+            Err(e) => tracing::debug!(error = %e, "read the table state"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+/// Deletes, every `interval`, the plog segments of each partition that every duplication of the
+/// table has confirmed (none without `meta`: a standalone node). A dup without progress yet
+/// holds everything. The last `retain_decrees` records before the committed decree are always
+/// kept. Cancellation-safe.
+pub async fn gc_plogs(
+    meta: Option<MetaStore>,
+    node: Arc<Node>,
+    interval: Duration,
+    retain_decrees: u64,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = gc_once(meta.as_ref(), &node, retain_decrees).await {
+            tracing::warn!(error = %format!("{e:#}"), "plog GC skipped this round");
+        }
+    }
+}
+
+async fn gc_once(meta: Option<&MetaStore>, node: &Node, retain_decrees: u64) -> anyhow::Result<()> {
+    let table = node.table.name();
+    let dups: Vec<_> = match meta {
+        Some(meta) => meta
+            .list_dups(table)
+            .await
+            .map_err(|e| anyhow!("{e}"))?
+            .into_iter()
+            .filter(|(_, d)| d.status != DupStatus::Removed)
+            .collect(),
+        None => Vec::new(),
+    };
+    for partition in node.table.partitions() {
+        let p: PartitionId = partition.id();
+        let committed = partition.committed_decree();
+        let mut below = Decree(committed.0.saturating_sub(retain_decrees));
+        for (meta, (dupid, _)) in dups.iter().filter_map(|d| Some((meta?, d))) {
+            let confirmed = meta
+                .progress(table, *dupid, p)
+                .await
+                .map_err(|e| anyhow!("{e}"))?
+                .map_or(Decree(0), |pr| pr.confirmed_decree);
+            below = below.min(confirmed);
+        }
+        let removed = partition
+            .gc_inboxes()
+            .await
+            .with_context(|| format!("collect partition {p}'s applied inbox segments"))?;
+        if !removed.is_empty() {
+            tracing::info!(
+                partition = p.0,
+                segments = removed.len(),
+                "applied inbox segments collected"
+            );
+        }
+        // Segments strictly below the first unconfirmed decree.
+        let below = below.next();
+        if below.0 <= 1 {
+            continue;
+        }
+        let removed = partition
+            .gc_plog(below)
+            .await
+            .with_context(|| format!("collect partition {p}'s plog below decree {below}"))?;
+        if !removed.is_empty() {
+            tracing::info!(
+                partition = p.0,
+                below = below.0,
+                segments = removed.len(),
+                "plog segments collected"
+            );
+        }
+    }
+    Ok(())
+}

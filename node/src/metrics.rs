@@ -1,0 +1,200 @@
+//! The node's counters and their Prometheus export.
+//!
+//! The RESP layer bumps plain atomics; the partitions keep their own [`PartitionStats`]. Both are
+//! read only when `/metrics` is scraped, into a registry built for that scrape, so the hot path
+//! never touches the metrics library.
+//!
+//! [`PartitionStats`]: ferry_engine::partition::PartitionStats
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::commands::SPECS;
+use ferry_engine::table::Table;
+
+/// Counters of the RESP layer.
+pub struct Metrics {
+    connections: AtomicI64,
+    connections_received: AtomicU64,
+    rejected_connections: AtomicU64,
+    /// One slot per entry of [`SPECS`], then one for unknown commands.
+    commands: Vec<AtomicU64>,
+    command_errors: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            connections: AtomicI64::new(0),
+            connections_received: AtomicU64::new(0),
+            rejected_connections: AtomicU64::new(0),
+            commands: (0..=SPECS.len()).map(|_| AtomicU64::new(0)).collect(),
+            command_errors: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a request; `spec` is its index in [`SPECS`], `None` for an unknown command.
+    pub fn command(&self, spec: Option<usize>) {
+        let slot = spec.unwrap_or(SPECS.len());
+        if let Some(c) = self.commands.get(slot) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn command_error(&self) {
+        self.command_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.connections_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_rejected(&self) {
+        self.rejected_connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connections(&self) -> i64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn connections_received(&self) -> u64 {
+        self.connections_received.load(Ordering::Relaxed)
+    }
+
+    pub fn rejected_connections(&self) -> u64 {
+        self.rejected_connections.load(Ordering::Relaxed)
+    }
+
+    pub fn commands_processed(&self) -> u64 {
+        self.commands
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The Prometheus text exposition (OpenMetrics flavour) of these counters and the table's
+    /// partition stats.
+    pub fn encode(&self, table: &Table) -> String {
+        let mut reg = Registry::default();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let sum = |f: &dyn Fn(&ferry_engine::partition::PartitionStats) -> u64| -> u64 {
+            table.partitions().iter().map(|p| f(p.stats())).sum()
+        };
+
+        let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+            let c = Counter::<u64>::default();
+            c.inc_by(v);
+            // The encoder appends `_total` to counters.
+            reg.register(name.trim_end_matches("_total"), help, c);
+        };
+        counter(
+            &mut reg,
+            "ferry_node_writes_total",
+            "Client writes acknowledged",
+            sum(&|s| load(&s.writes_total)),
+        );
+        counter(
+            &mut reg,
+            "ferry_node_write_errors_total",
+            "Client writes that failed",
+            sum(&|s| load(&s.write_errors_total)),
+        );
+        counter(
+            &mut reg,
+            "ferry_node_group_commits_total",
+            "Group commits (one fsync each)",
+            sum(&|s| load(&s.group_commits_total)),
+        );
+        counter(
+            &mut reg,
+            "ferry_node_plog_bytes_total",
+            "Bytes appended to the plogs",
+            sum(&|s| load(&s.plog_bytes_total)),
+        );
+        counter(
+            &mut reg,
+            "ferry_node_dup_applied_records_total",
+            "Duplicated records applied from other clusters",
+            sum(&|s| load(&s.dup_applied_records_total)),
+        );
+        let fsync = Counter::<f64, AtomicU64>::default();
+        fsync.inc_by(sum(&|s| load(&s.fsync_micros_total)) as f64 / 1e6);
+        reg.register(
+            "ferry_node_fsync_seconds",
+            "Time spent in plog fsync",
+            fsync,
+        );
+
+        let decrees = Family::<Vec<(String, String)>, Gauge>::default();
+        for p in table.partitions() {
+            let d = i64::try_from(p.committed_decree().0).unwrap_or(i64::MAX);
+            decrees
+                .get_or_create(&vec![("partition".to_string(), p.id().0.to_string())])
+                .set(d);
+        }
+        reg.register(
+            "ferry_node_committed_decree",
+            "Last committed decree per partition",
+            decrees,
+        );
+
+        let connections = Gauge::<i64>::default();
+        connections.set(self.connections());
+        reg.register(
+            "ferry_node_connections",
+            "Open client connections",
+            connections,
+        );
+        counter(
+            &mut reg,
+            "ferry_node_connections_received_total",
+            "Client connections accepted",
+            self.connections_received(),
+        );
+        counter(
+            &mut reg,
+            "ferry_node_rejected_connections_total",
+            "Client connections refused at the max_connections limit",
+            self.rejected_connections(),
+        );
+
+        let commands = Family::<Vec<(String, String)>, Counter>::default();
+        for (i, c) in self.commands.iter().enumerate() {
+            let n = load(c);
+            if n > 0 {
+                let name = SPECS.get(i).map_or("unknown", |s| s.name);
+                commands
+                    .get_or_create(&vec![("cmd".to_string(), name.to_string())])
+                    .inc_by(n);
+            }
+        }
+        reg.register(
+            "ferry_node_commands",
+            "Client commands received, by command",
+            commands,
+        );
+        counter(
+            &mut reg,
+            "ferry_node_command_errors_total",
+            "Commands answered with an error",
+            load(&self.command_errors),
+        );
+
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &reg);
+        out
+    }
+}

@@ -1,0 +1,265 @@
+//! The RESP client port: accepting connections and running each one.
+//!
+//! A connection reads every request already buffered, starts the writes among them at once (so
+//! pipelined writes join the same group commits instead of waiting for each other's fsync),
+//! and answers strictly in order. A read that follows unfinished writes of the same connection
+//! waits for them (read-your-writes). Replies are flushed once per batch, not once per reply.
+//!
+//! Requests are framed by [`ferry_resp::RequestCodec`].
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use ferry_resp::{ProtocolError, RequestCodec};
+use futures::future::{BoxFuture, FutureExt};
+use futures::stream::{FuturesOrdered, StreamExt};
+use redis_protocol::codec::Resp2;
+use redis_protocol::resp2::types::BytesFrame as Frame;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::commands::{self, Class, Command};
+use crate::Node;
+
+/// Commands of one connection in flight at once before it stops reading more.
+const MAX_PENDING: usize = 1024;
+/// Reply bytes a connection buffers before it stops reading more requests.
+const MAX_OUTPUT_BYTES: usize = 16 << 20;
+/// Past this many reply bytes, write what the socket takes now instead of waiting for the
+/// batch to end (a long pipeline of reads would otherwise be answered in one burst at its end).
+const EAGER_WRITE_BYTES: usize = 64 << 10;
+
+/// Accepts clients until `shutdown` is cancelled; returns the connection tasks still running,
+/// which finish their in-flight commands and close on their own once `shutdown` is cancelled.
+/// Cancellation-safe: it stops between accepts.
+pub async fn accept_loop(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: CancellationToken,
+) -> JoinSet<()> {
+    let limit = Arc::new(Semaphore::new(node.config.max_connections));
+    let mut conns = JoinSet::new();
+    let mut next_id = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        // Reap finished connections so the set does not grow with every client ever seen.
+        while conns.try_join_next().is_some() {}
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE/ENFILE: back off instead of spinning, and keep serving the
+                // connections we have.
+                tracing::warn!(error = %e, "accept failed; retrying in 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        match limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                next_id += 1;
+                let span = tracing::debug_span!("conn", id = next_id, %peer);
+                let node = node.clone();
+                let shutdown = shutdown.clone();
+                conns.spawn(
+                    async move {
+                        node.metrics.connection_opened();
+                        match Connection::new(socket, node.clone()).run(shutdown).await {
+                            Ok(()) => tracing::debug!("closed"),
+                            Err(e) => tracing::debug!(error = %e, "closed with an I/O error"),
+                        }
+                        node.metrics.connection_closed();
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(_) => {
+                node.metrics.connection_rejected();
+                tracing::warn!(%peer, max = node.config.max_connections, "refused a client: max_connections reached");
+                conns.spawn(reject(socket));
+            }
+        }
+    }
+    conns
+}
+
+/// Tells a client over the connection limit why, then closes (bounded, so a client that does not
+/// read cannot hold the task).
+async fn reject(mut socket: TcpStream) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = socket
+            .write_all(b"-ERR max number of clients reached\r\n")
+            .await;
+        let _ = socket.shutdown().await;
+    })
+    .await;
+}
+
+/// One client connection.
+struct Connection {
+    reader: FramedRead<tokio::net::tcp::OwnedReadHalf, RequestCodec>,
+    writer: OwnedWriteHalf,
+    node: Arc<Node>,
+    encoder: Resp2,
+    /// Encoded replies not yet written.
+    out: BytesMut,
+    /// Replies in request order: writes in flight, and answers queued behind them.
+    pending: FuturesOrdered<BoxFuture<'static, Frame>>,
+    /// A read waiting for the writes before it to finish.
+    stalled: Option<Command>,
+    /// No more requests are read (QUIT, end of input, protocol error or shutdown); the
+    /// connection closes once everything before is answered.
+    closing: bool,
+}
+
+enum Event {
+    Request(Option<Result<Vec<Bytes>, ProtocolError>>),
+    Replied(Frame),
+    Wrote(io::Result<usize>),
+    Shutdown,
+}
+
+impl Connection {
+    fn new(socket: TcpStream, node: Arc<Node>) -> Connection {
+        let (rd, wr) = socket.into_split();
+        Connection {
+            reader: FramedRead::with_capacity(rd, RequestCodec::default(), 16 << 10),
+            writer: wr,
+            node,
+            encoder: Resp2::default(),
+            out: BytesMut::with_capacity(16 << 10),
+            pending: FuturesOrdered::new(),
+            stalled: None,
+            closing: false,
+        }
+    }
+
+    /// Serves the client until it quits or disconnects, or until `shutdown` is cancelled and the
+    /// commands already started are answered. Cancelling the returned future drops in-flight
+    /// replies (the writes themselves still complete in their partitions).
+    async fn run(mut self, shutdown: CancellationToken) -> io::Result<()> {
+        loop {
+            if self.pending.is_empty() {
+                if let Some(cmd) = self.stalled.take() {
+                    self.read(cmd);
+                }
+            }
+            if self.closing && self.pending.is_empty() && self.out.is_empty() {
+                let _ = self.writer.shutdown().await;
+                return Ok(());
+            }
+            if self.out.len() >= EAGER_WRITE_BYTES {
+                match self.writer.try_write(&self.out) {
+                    Ok(n) => self.out.advance(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let reading = !self.closing
+                && self.stalled.is_none()
+                && self.pending.len() < MAX_PENDING
+                && self.out.len() < MAX_OUTPUT_BYTES;
+            let (reader, pending, writer, out) = (
+                &mut self.reader,
+                &mut self.pending,
+                &mut self.writer,
+                &self.out,
+            );
+            // Biased, in this order: take every buffered request first, then every finished
+            // reply, and write only when neither is ready, so one write carries a whole batch.
+            let event = tokio::select! {
+                biased;
+                req = reader.next(), if reading => Event::Request(req),
+                Some(reply) = pending.next(), if !pending.is_empty() => Event::Replied(reply),
+                n = writer.write(out), if !out.is_empty() => Event::Wrote(n),
+                _ = shutdown.cancelled(), if !self.closing => Event::Shutdown,
+            };
+            match event {
+                Event::Request(Some(Ok(args))) => self.request(args),
+                Event::Request(Some(Err(e))) => {
+                    // As Redis: answer the protocol error, then close.
+                    self.reply(commands::error(format!("ERR Protocol error: {e}")));
+                    self.closing = true;
+                }
+                // The client closed its side; still answer what it sent.
+                Event::Request(None) => self.closing = true,
+                Event::Replied(reply) => self.encode(reply),
+                Event::Wrote(n) => match n? {
+                    0 => return Err(io::ErrorKind::WriteZero.into()),
+                    n => self.out.advance(n),
+                },
+                Event::Shutdown => self.closing = true,
+            }
+        }
+    }
+
+    fn request(&mut self, args: Vec<Bytes>) {
+        let node = &self.node;
+        node.metrics
+            .command(args.first().and_then(|name| commands::spec_index(name)));
+        let cmd = match commands::parse(&args, ferry_engine::clock::wall_ms()) {
+            Ok(cmd) => cmd,
+            Err(e) => return self.reply(e.to_frame()),
+        };
+        match cmd.class() {
+            Class::Write => {
+                let write = commands::start_write(node, cmd);
+                self.pending.push_back(write);
+            }
+            Class::Read if !self.pending.is_empty() => self.stalled = Some(cmd),
+            Class::Read | Class::Immediate => self.read(cmd),
+            Class::Quit => {
+                self.reply(commands::ok());
+                self.closing = true;
+            }
+        }
+    }
+
+    /// Answers a read: at once, or from the blocking pool when it scans every partition.
+    fn read(&mut self, cmd: Command) {
+        if cmd.scans_every_partition() {
+            let reply = commands::execute_blocking(self.node.clone(), cmd);
+            self.pending.push_back(reply);
+        } else {
+            let reply = commands::execute(&self.node, cmd);
+            self.reply(reply);
+        }
+    }
+
+    /// Queues a reply that is ready now, behind any that are not.
+    fn reply(&mut self, frame: Frame) {
+        if self.pending.is_empty() {
+            self.encode(frame);
+        } else {
+            self.pending
+                .push_back(futures::future::ready(frame).boxed());
+        }
+    }
+
+    fn encode(&mut self, frame: Frame) {
+        if matches!(frame, Frame::Error(_)) {
+            self.node.metrics.command_error();
+        }
+        if let Err(e) = self.encoder.encode(frame, &mut self.out) {
+            // Only an internal bug could make a reply unencodable; tell the client rather than
+            // desynchronising the stream.
+            tracing::error!(error = %e, "cannot encode a reply");
+            let _ = self.encoder.encode(
+                commands::error("ERR internal error: reply could not be encoded"),
+                &mut self.out,
+            );
+        }
+    }
+}
