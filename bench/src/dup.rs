@@ -10,7 +10,7 @@
 //!    backlog over the time to ship it, against the maximum ingest (goal ≥ 2×).
 //!
 //! A link with an RTT runs the receiver behind a UDP relay that holds each datagram RTT/2 each
-//! way (this kernel has no netem; see `ferry_tests::delay`). `--pin` puts each cluster's node,
+//! way (this kernel has no netem; see `ferry_harness::delay`). `--pin` puts each cluster's node,
 //! shipper and receiver on its own core (bj and the load on core 0, tj on core 1), so the
 //! clusters stop competing for one scheduler the way two datacenters would not.
 
@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use ferry_tests::delay::UdpDelay;
-use ferry_tests::dup::{Cluster, TwoClusters};
-use ferry_tests::etcd::http_get;
+use ferry_harness::delay::UdpDelay;
+use ferry_harness::dup::{Cluster, TwoClusters};
+use ferry_harness::etcd::http_get;
 
 /// Writer connections, and SETs per pipeline (as the integration tests write).
 const CONNS: u64 = 16;

@@ -1,9 +1,4 @@
-//! Shared helpers for ferry's integration tests: find the built binaries, pick free loopback
-//! ports, run processes that are killed when the test ends.
+//! ferry's integration tests (`tests/*.rs`) drive the real binaries against a real etcd. Their
+//! helpers are [`ferry_harness`]'s, re-exported here under the names the tests use.
 
-pub mod cluster;
-pub mod delay;
-pub mod dup;
-pub mod etcd;
-pub mod netns;
-pub mod procs;
+pub use ferry_harness::{cluster, delay, dup, etcd, netns, procs};

@@ -890,17 +890,22 @@ impl Writer {
 }
 
 /// Deletes the plog segments below `below` whose records are durable in RocksDB's SSTs.
+/// Flushes the memtable only when a segment can go.
 ///
 /// Safe beside the writer thread: the applied decree is read *before* the flush, and everything
 /// applied by then is in a memtable that the flush writes out; later writes only go to newer
 /// segments, and the newest segment is never deleted.
 fn gc_plog(engine: &Engine, plog_dir: &Path, below: Decree) -> Result<Vec<PathBuf>, StoreError> {
     let applied = engine.applied_decree()?;
+    // The oldest segment can go only once the next one starts at or below the bound; until
+    // then a flush would only make small SSTs and compete with the plog's fsyncs.
+    let bound = below.min(applied.next());
+    let segments = plog::list_segments(plog_dir)?;
+    if segments.get(1).is_none_or(|s| s.first_decree > bound) {
+        return Ok(Vec::new());
+    }
     engine.flush()?;
-    Ok(plog::remove_segments_below(
-        plog_dir,
-        below.min(applied.next()),
-    )?)
+    Ok(plog::remove_segments_below(plog_dir, bound)?)
 }
 
 /// Deletes the inbox segments a partition has applied durably, with the same read-then-flush
