@@ -450,6 +450,14 @@ fn render_status(s: &StatusView) -> String {
             ],
             rows,
         ));
+        for p in s.progress.iter() {
+            if let Some(e) = &p.last_error {
+                out.push_str(&format!(
+                    "partition {} of table {} (dup {}) is not shipping: {e}\n",
+                    p.partition, p.table, p.dupid
+                ));
+            }
+        }
     }
     out
 }

@@ -142,6 +142,7 @@ mod tests {
             last_confirmed_timestamp_ms: 0,
             committed_decree: Decree(0),
             updated_at_ms: 0,
+            last_error: None,
             extra: Map::new(),
         }
     }

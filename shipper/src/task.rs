@@ -256,7 +256,7 @@ async fn progress_loop(
     confirmed: Arc<Mutex<Confirmed>>,
     cancel: CancellationToken,
 ) -> Option<String> {
-    let mut last: Option<(Decree, Decree)> = None;
+    let mut last: Option<(Decree, Decree, Option<String>)> = None;
     let mut warned = false;
     loop {
         tokio::select! {
@@ -286,7 +286,7 @@ async fn write_progress(
     key: &Key,
     fenced: &MetaStore,
     confirmed: &Mutex<Confirmed>,
-    last: &mut Option<(Decree, Decree)>,
+    last: &mut Option<(Decree, Decree, Option<String>)>,
 ) -> Result<(), MetaError> {
     let c = *confirmed.lock().unwrap_or_else(|p| p.into_inner());
     let committed = tail::committed(&shared.plog_dir(&key.table, key.partition))
@@ -297,7 +297,8 @@ async fn write_progress(
         // next session to ship the whole plog.
         return Ok(());
     }
-    if *last == Some((c.decree, committed)) {
+    let last_error = shared.board.get(key).and_then(|e| e.last_error);
+    if last.as_ref() == Some(&(c.decree, committed, last_error.clone())) {
         return Ok(());
     }
     let p = Progress {
@@ -305,12 +306,13 @@ async fn write_progress(
         last_confirmed_timestamp_ms: c.timestamp_us / 1000,
         committed_decree: committed,
         updated_at_ms: ferry_meta::now_ms(),
+        last_error: last_error.clone(),
         extra: Map::new(),
     };
     fenced
         .advance_progress(&key.table, key.dupid, key.partition, &p)
         .await?;
-    *last = Some((c.decree, committed));
+    *last = Some((c.decree, committed, last_error));
     Ok(())
 }
 

@@ -605,6 +605,7 @@ async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> 
                 last_confirmed_timestamp_ms: 0,
                 committed_decree: Decree(5),
                 updated_at_ms: 0,
+                last_error: None,
                 extra: Default::default(),
             },
         )

@@ -104,9 +104,20 @@ fn a_failed_inbox_append_is_not_acknowledged_and_the_shipper_resends() -> Result
     })?;
     let mut tcon = w.tj.redis()?;
     assert_eq!(get(&mut tcon, "second:499")?, None);
+    // `ferry status` shows the stuck partition and why.
+    wait_for(Duration::from_secs(30), || {
+        let status = w.bj.ferry_ok(&["status"])?;
+        Ok(status
+            .lines()
+            .any(|l| l.contains("is not shipping") && l.contains("refused")))
+    })?;
     failpoint(receiver_http, "inbox-append", None)?;
     wait_converged(&w.bj, &w.tj, Duration::from_secs(60))?;
     assert_eq!(get(&mut tcon, "second:499")?.as_deref(), Some("v"));
+    // Shipping again: the reason is gone from `ferry status`.
+    wait_for(Duration::from_secs(30), || {
+        Ok(!w.bj.ferry_ok(&["status"])?.contains("is not shipping"))
+    })?;
     Ok(())
 }
 

@@ -313,6 +313,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
                     now.saturating_sub(pr.last_confirmed_timestamp_ms)
                 },
                 age_ms: now.saturating_sub(pr.updated_at_ms),
+                last_error: pr.last_error.clone(),
             });
         }
     }

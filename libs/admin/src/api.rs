@@ -155,6 +155,9 @@ pub struct ProgressView {
     pub lag_ms: u64,
     /// How old this record is, ms (a shipper writes it every `progress_interval` while shipping).
     pub age_ms: u64,
+    /// Why shipping last failed, while the partition has confirmed nothing since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 /// One coordinator in the election (its election value).

@@ -94,6 +94,10 @@ pub struct Progress {
     /// When the shipper wrote this, ms since the Unix epoch (0 when not known).
     #[serde(default)]
     pub updated_at_ms: u64,
+    /// Why shipping this partition last failed, while it has not confirmed anything since
+    /// (`ferry status` shows it for a stuck partition); absent when it ships.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,

@@ -243,6 +243,7 @@ async fn progress_only_moves_forward_and_dies_with_the_dup() -> R {
         last_confirmed_timestamp_ms: d * 10,
         committed_decree: Decree(d + 5),
         updated_at_ms: 7,
+        last_error: None,
         extra: Default::default(),
     };
     meta.advance_progress("users", dupid, p, &at(10)).await?;
