@@ -12,6 +12,41 @@ use anyhow::anyhow;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// The body of a server process's `main`: sets up logging and the failpoints, loads the config
+/// with `load`, starts a multi-threaded runtime and runs `run` on it to its end. Any failure is
+/// one sentence on stderr, prefixed with `name`, and a non-zero exit.
+pub fn main<C, E, F>(
+    name: &str,
+    load: impl FnOnce() -> Result<C, E>,
+    run: impl FnOnce(C) -> F,
+) -> std::process::ExitCode
+where
+    E: fmt::Display,
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let fail = |e: &dyn fmt::Display| {
+        eprintln!("{name}: {e}");
+        std::process::ExitCode::FAILURE
+    };
+    init_tracing();
+    failpoints::setup_from_env();
+    let config = match load() {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
 /// Logs to stderr at `RUST_LOG` (default `info`), with colours only on a terminal.
 pub fn init_tracing() {
     tracing_subscriber::fmt()

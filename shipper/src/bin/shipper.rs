@@ -9,33 +9,20 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = ShipperArgs::parse();
-    ferry_proc::init_tracing();
-    ferry_proc::failpoints::setup_from_env();
-    let config = match ShipperConfig::load(&args) {
-        Ok(c) => c,
-        Err(e) => return fail(&e),
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => return fail(&format!("cannot start the async runtime: {e}")),
-    };
-    let cancel = CancellationToken::new();
-    let result = runtime.block_on(async {
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("stopping: resigning elections and writing the last progress");
-            stop.cancel();
-        });
-        ferry_shipper::server::run(config, cancel).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("{e:#}")),
-    }
+    ferry_proc::main(
+        "shipper",
+        || ShipperConfig::load(&args),
+        |config| async move {
+            let cancel = CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("stopping: resigning elections and writing the last progress");
+                stop.cancel();
+            });
+            ferry_shipper::server::run(config, cancel).await
+        },
+    )
 }
 
 async fn shutdown_signal() {
@@ -51,10 +38,4 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-}
-
-/// One sentence on stderr and a non-zero exit.
-fn fail(e: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("shipper: {e}");
-    ExitCode::FAILURE
 }
