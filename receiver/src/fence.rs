@@ -10,7 +10,8 @@
 //! - A newer token preempts the live session of the same inbox: that session is stopped with
 //!   `STALE_FENCING_TOKEN` and writes none of its further batches.
 //! - An equal token is the same shipper reconnecting: admitted, and its old session (if it is
-//!   still open, say on a half-dead connection) is ended.
+//!   still open, say on a half-dead connection) is ended with `SUPERSEDED`, which a shipper
+//!   retries (a stale token would make it give up its election).
 //!
 //! Besides the tokens, [`Fences`] hands out exclusive ownership of each source's inbox logs
 //! ([`InboxKey`]): a session holds its inbox slot while it has the writers open, so a preempting
@@ -59,7 +60,7 @@ impl FenceKey {
     }
 }
 
-pub use ferry_dup::receive::{admit, Admission, LiveId, Refusal};
+pub use ferry_dup::receive::{admit, preempted, Admission, LiveId, Refusal};
 
 /// Tells a session to end, and why. Cloned between the session and the registry.
 #[derive(Clone, Default)]
@@ -211,21 +212,9 @@ impl Fences {
                 .map(|l| (l.token, l.stop.clone()))
         }) {
             let (old_token, stop) = old;
-            let message = if old_token < token {
-                format!(
-                    "a shipper with the newer fencing token {token} took over partition {} of \
-                     table `{}`; this session (token {old_token}) ends and its further batches \
-                     are not written",
-                    key.partition, key.table
-                )
-            } else {
-                format!(
-                    "the same shipper (fencing token {token}) opened a new session for partition \
-                     {} of table `{}`; this older session ends",
-                    key.partition, key.table
-                )
-            };
-            stop.stop(ErrorCode::STALE_FENCING_TOKEN, message);
+            let what = format!("partition {} of table `{}`", key.partition, key.table);
+            let reason = preempted(old_token, token, &what);
+            stop.stop(reason.code, reason.message);
         }
         st.next_id += 1;
         let id = st.next_id;
@@ -463,9 +452,14 @@ mod tests {
 
         let same = fences.admit(&key(1, 0), 10).await.expect("reconnect");
         assert!(first.stop.is_stopped());
-        assert_eq!(first.stop.reason().code, ErrorCode::STALE_FENCING_TOKEN);
+        assert_eq!(
+            first.stop.reason().code,
+            ErrorCode::SUPERSEDED,
+            "the same shipper keeps its election"
+        );
         let newer = fences.admit(&key(1, 0), 11).await.expect("newer");
         assert!(same.stop.is_stopped());
+        assert_eq!(same.stop.reason().code, ErrorCode::STALE_FENCING_TOKEN);
         assert!(same
             .stop
             .reason()

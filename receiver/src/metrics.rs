@@ -55,12 +55,12 @@ impl Default for Metrics {
         );
         registry.register(
             "receiver_batches",
-            "Batches made durable and acknowledged",
+            "Batches acknowledged (made durable, or durable already when resent)",
             batches.clone(),
         );
         registry.register(
             "receiver_records",
-            "Records in batches made durable and acknowledged",
+            "Records written durably to the inboxes (a resent record counts once)",
             records.clone(),
         );
         registry.register(

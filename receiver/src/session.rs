@@ -6,12 +6,13 @@
 //! Heartbeat ──▶ Ack{confirmed}
 //! ```
 //!
-//! After the `Welcome`, two tasks share the session, joined by a bounded channel: the *reader*
-//! decodes frames and unpacks (decompresses and splits) the next batch while the *writer*
-//! appends the previous one to the inboxes and acknowledges it. The writer alone sends frames, in
-//! order, and acknowledges a batch only after every target partition's append (with its fsync)
-//! returned. Any error ends the session with an `Error` frame; nothing past it is written or
-//! acknowledged, and the process and the other sessions go on.
+//! The protocol after the `Welcome` (merging queued batches, the gap check, resends, acks only
+//! once durable, preemption) is `ferry_dup::receive::ReceiveSession`; this module only moves
+//! bytes for it. Two tasks: the *reader* decodes frames and unpacks (decompresses) the next
+//! batch, the *writer* feeds the session, sends what it says in order and runs its appends
+//! (split by target partition, every partition's inbox in parallel). Any error ends the session
+//! with an `Error` frame; nothing past it is written or acknowledged, and the process and the
+//! other sessions go on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,21 +23,19 @@ use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
+use ferry_dup::receive::{
+    self, HelloContext, Incoming, ReceiveEvent, ReceiveSession, ReceiveStats, TableView,
+};
+use ferry_dup::route;
 use ferry_log::inbox::InboxWriter;
+use ferry_log::LogError;
 use ferry_meta::MetaError;
 use ferry_proto::wire::{self, ErrorCode, Frame, WireError, FRAME_HEADER_LEN};
-use ferry_proto::Source;
-use ferry_proto::{ClusterId, Decree, PlogRecord};
+use ferry_proto::{ClusterId, Decree, PlogRecord, Source};
 
 use crate::fence::{FenceKey, Refusal, StopSignal};
 use crate::server::Context;
-use ferry_dup::receive::{self, HelloContext, TableView};
-use ferry_dup::route;
 
-/// Batches unpacked ahead of the one being written: they keep the disk busy while the next batch
-/// is decompressed, and are merged into the next write (one fsync per target partition for all
-/// of them). Small enough to bound memory to a few batches per session.
-const PIPELINE: usize = 4;
 /// How long a new stream may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the final `Error` frame may take to be written before the stream is dropped.
@@ -99,41 +98,11 @@ enum End {
 
 /// What the reader hands the writer.
 enum Work {
-    Batch(Unpacked),
+    Batch(Incoming),
     Heartbeat,
+    /// The last frame the reader takes: the shipper's `Error`, or one not allowed here.
+    Last(Frame),
     End(End),
-}
-
-/// A batch unpacked and split by target partition; possibly several consecutive batches merged
-/// (see [`Unpacked::absorb`]).
-struct Unpacked {
-    first: Decree,
-    last: Decree,
-    count: u32,
-    raw_len: u32,
-    /// How many wire batches this holds.
-    batches: u64,
-    parts: Vec<Vec<PlogRecord>>,
-}
-
-impl Unpacked {
-    /// Appends the batch that directly follows this one, so that both reach the disk with one
-    /// fsync per target partition (group commit across the batches queued behind a write).
-    /// Gives `next` back when it does not follow directly; the gap check then sees it alone.
-    fn absorb(&mut self, next: Unpacked) -> Result<(), Unpacked> {
-        let follows = self.count > 0 && next.count > 0 && next.first.0 == self.last.0 + 1;
-        if !follows {
-            return Err(next);
-        }
-        self.last = next.last;
-        self.count = self.count.saturating_add(next.count);
-        self.raw_len = self.raw_len.saturating_add(next.raw_len);
-        self.batches += next.batches;
-        for (mine, theirs) in self.parts.iter_mut().zip(next.parts) {
-            mine.extend(theirs);
-        }
-        Ok(())
-    }
 }
 
 struct Session {
@@ -143,11 +112,11 @@ struct Session {
     welcomed: bool,
 }
 
-/// The admitted state of a session: what it writes and where it stands.
+/// The admitted state of a session: what it writes, and the protocol state.
 struct Open {
     key: FenceKey,
     writers: Vec<InboxWriter>,
-    confirmed: Decree,
+    session: ReceiveSession,
     stop: StopSignal,
 }
 
@@ -267,16 +236,16 @@ impl Session {
             ctx.config.receiver.inbox_segment_bytes,
         )
         .await
-        .map_err(|m| End::Failed(ErrorCode::INTERNAL, m))?;
+        .map_err(|e| End::Failed(ErrorCode::INTERNAL, e.to_string()))?;
         let confirmed = confirmed(&writers);
         if stop.is_stopped() {
             return Ok((admitted, None));
         }
-        self.send_frame(&Frame::Welcome(wire::Welcome {
-            confirmed_decree: confirmed,
-            present_files: vec![],
-        }))
-        .await?;
+        // A new session's only output is its Welcome (nothing has come yet to answer).
+        let mut session = ReceiveSession::new(hello.fencing_token, confirmed);
+        while let Some(ReceiveEvent::Send(frame)) = session.poll() {
+            self.send_frame(&frame).await?;
+        }
         self.welcomed = true;
         ctx.metrics.sessions.inc();
         ctx.metrics
@@ -294,119 +263,134 @@ impl Session {
                 Open {
                     key,
                     writers,
-                    confirmed,
+                    session,
                     stop,
                 },
             )),
         ))
     }
 
-    /// Batches and heartbeats until the session ends.
+    /// Drives the session: frames in, its outputs out, its appends run, until it ends.
     async fn steady(&mut self, recv: RecvStream, frames: FrameBuffer, mut open: Open) -> End {
-        let (tx, mut rx) = mpsc::channel(PIPELINE);
-        let partition_count = open.writers.len() as u32;
+        let (tx, mut rx) = mpsc::channel(receive::PIPELINE);
         let reader = AbortOnDropHandle::new(tokio::spawn(
-            read_loop(self.ctx.clone(), recv, frames, tx, partition_count)
-                .instrument(tracing::Span::current()),
+            read_loop(self.ctx.clone(), recv, frames, tx).instrument(tracing::Span::current()),
         ));
-        // Work taken from the queue while merging batches, to be handled next.
-        let mut held: Option<Work> = None;
-        let end = loop {
-            let work = match held.take() {
-                Some(w) => Some(w),
-                None => tokio::select! {
-                    biased;
-                    _ = open.stop.stopped() => break End::Stopped(open.stop.reason()),
-                    w = rx.recv() => w,
-                },
-            };
-            match work {
-                None => break End::Lost("the stream reader ended".into()),
-                Some(Work::End(end)) => break end,
-                Some(Work::Heartbeat) => {
-                    let ack = Frame::Ack(wire::Ack {
-                        confirmed_decree: open.confirmed,
-                    });
-                    if let Err(end) = self.send_frame(&ack).await {
-                        break end;
-                    }
-                }
-                Some(Work::Batch(mut b)) => {
-                    // Batches already unpacked behind this one are written with it.
-                    while let Ok(w) = rx.try_recv() {
-                        match w {
-                            Work::Batch(next) => {
-                                if let Err(next) = b.absorb(next) {
-                                    held = Some(Work::Batch(next));
-                                    break;
-                                }
-                            }
-                            other => {
-                                held = Some(other);
-                                break;
-                            }
+        let partition_count = open.writers.len() as u32;
+        let max_raw = self.ctx.config.max_batch_raw();
+        let mut append: Option<Append> = None;
+        let mut reading = true;
+        let mut told_to_stop = false;
+        // Why the stream ended, when the session ends with no error of its own.
+        let mut cause = None;
+        let mut counted = ReceiveStats::default();
+        let end = 'session: loop {
+            self.count(&open, &mut counted);
+            while let Some(event) = open.session.poll() {
+                match event {
+                    ReceiveEvent::Send(frame) => {
+                        if let Err(end) = self.send_frame(&frame).await {
+                            open.session.handle_closed();
+                            cause = Some(end);
                         }
                     }
-                    if let Err(end) = self.write_batch(&mut open, b).await {
-                        break end;
+                    ReceiveEvent::Append { records, .. } => {
+                        let writers = std::mem::take(&mut open.writers);
+                        append = Some(Append::start(writers, records, partition_count));
                     }
+                    ReceiveEvent::End(None) => break 'session cause.take().unwrap_or(End::Clean),
+                    ReceiveEvent::End(Some(e)) if told_to_stop && e == open.stop.reason() => {
+                        break 'session End::Stopped(e)
+                    }
+                    ReceiveEvent::End(Some(e)) if e.code == ErrorCode::INTERNAL => {
+                        break 'session End::Failed(e.code, e.message)
+                    }
+                    ReceiveEvent::End(Some(e)) => break 'session End::Malformed(e.code, e.message),
                 }
             }
+            tokio::select! {
+                biased;
+                done = async { append.as_mut().expect("guarded").done().await }, if append.is_some() => {
+                    append = None;
+                    let (writers, result, took) = done;
+                    open.writers = writers;
+                    match result {
+                        Ok(durable) => {
+                            self.ctx.metrics.inbox_write_seconds.observe(took.as_secs_f64());
+                            open.session.handle_appended(durable);
+                        }
+                        Err(e) => open.session.handle_append_failed(&e.to_string()),
+                    }
+                }
+                _ = open.stop.stopped(), if !told_to_stop => {
+                    told_to_stop = true;
+                    open.session.stop(open.stop.reason());
+                }
+                work = rx.recv(), if reading && open.session.wants_frames() => match work {
+                    Some(Work::Batch(b)) => open.session.handle_batch(b),
+                    Some(Work::Heartbeat) => open.session.handle_heartbeat(),
+                    Some(Work::Last(frame)) => {
+                        reading = false;
+                        if let Frame::Error(e) = &frame {
+                            cause = Some(End::PeerError(e.clone()));
+                        }
+                        open.session.handle_frame(&frame, max_raw);
+                    }
+                    Some(Work::End(End::Clean)) => {
+                        reading = false;
+                        open.session.handle_finished(None);
+                    }
+                    Some(Work::End(End::Malformed(code, message))) => {
+                        reading = false;
+                        open.session.handle_finished(Some(wire::Error { code, message }));
+                    }
+                    Some(Work::End(end)) => {
+                        reading = false;
+                        cause = Some(end);
+                        open.session.handle_closed();
+                    }
+                    None => {
+                        reading = false;
+                        cause = Some(End::Lost("the stream reader ended".into()));
+                        open.session.handle_closed();
+                    }
+                },
+                else => break End::Failed(
+                    ErrorCode::INTERNAL,
+                    "the receive session has nothing left to wait for but did not end; the \
+                     shipper reconnects (please report this)"
+                        .into(),
+                ),
+            }
         };
+        self.count(&open, &mut counted);
+        // An append still running owns the writers; they close before the slot is released
+        // (by the caller), so a preempting session opens them only after this one.
+        if let Some(mut append) = append {
+            let _ = append.done().await;
+        }
         drop(reader);
-        // The writers close before the slot is released (by the caller).
         drop(open.writers);
         end
     }
 
-    /// Appends one batch to every target partition's inbox, in parallel, and acknowledges it
-    /// once all of them are durable.
-    async fn write_batch(&mut self, open: &mut Open, b: Unpacked) -> Result<(), End> {
-        if b.count > 0 {
-            if let Some((tp, last)) = open
-                .writers
-                .iter()
-                .enumerate()
-                .map(|(tp, w)| (tp, w.last_decree()))
-                .find(|(_, last)| last.0 > 0 && b.first.0 > last.0 + 1)
-            {
-                return Err(End::Failed(
-                    ErrorCode::BAD_BATCH,
-                    format!(
-                        "batch {}..={} starts after a gap: target partition {tp} holds decrees up \
-                         to {last} only; resume after the confirmed decree of the Welcome",
-                        b.first, b.last
-                    ),
-                ));
-            }
+    /// Exports what the session made durable since the last count.
+    fn count(&self, open: &Open, counted: &mut ReceiveStats) {
+        let now = open.session.stats();
+        if now == counted {
+            return;
         }
-        let started = Instant::now();
-        let writers = std::mem::take(&mut open.writers);
-        let (writers, result) = append_all(writers, b.parts).await;
-        open.writers = writers;
-        let confirmed = result.map_err(|m| End::Failed(ErrorCode::INTERNAL, m))?;
         let m = &self.ctx.metrics;
-        m.inbox_write_seconds
-            .observe(started.elapsed().as_secs_f64());
-        m.batches.inc_by(b.batches);
-        m.records.inc_by(u64::from(b.count));
-        m.raw_bytes(b.raw_len as usize);
-        open.confirmed = confirmed;
+        m.batches.inc_by(now.batches - counted.batches);
+        m.records.inc_by(now.records - counted.records);
+        m.raw_bytes(usize::try_from(now.raw_bytes - counted.raw_bytes).unwrap_or(usize::MAX));
         m.confirmed(
             &open.key.table,
             open.key.dupid.0,
             open.key.partition.0,
-            confirmed.0,
+            open.session.durable().0,
         );
-        // Preempted while writing: the data is durable but this shipper is no longer the owner,
-        // so it gets no ack, only the reason.
-        if open.stop.is_stopped() {
-            return Err(End::Stopped(open.stop.reason()));
-        }
-        self.send_frame(&Frame::Ack(wire::Ack {
-            confirmed_decree: confirmed,
-        }))
-        .await
+        *counted = now.clone();
     }
 
     async fn send_frame(&mut self, frame: &Frame) -> Result<(), End> {
@@ -488,14 +472,15 @@ impl Session {
     }
 }
 
-/// The reader task: frames → work for the writer. Ends at the first error or at the end of
-/// the stream, telling the writer how. Cancellation-safe (the writer aborts it when it ends).
+/// The reader task: frames → work for the writer, batches unpacked on the blocking pool. Ends
+/// at the end of the stream, at a frame it does not decode, and after the first frame that is
+/// neither a batch nor a heartbeat (the session decides about that one), telling the writer.
+/// Cancellation-safe (the writer aborts it when it ends).
 async fn read_loop(
     ctx: Arc<Context>,
     mut recv: RecvStream,
     mut frames: FrameBuffer,
     tx: mpsc::Sender<Work>,
-    partition_count: u32,
 ) {
     let max_raw = ctx.config.max_batch_raw();
     let end = loop {
@@ -507,10 +492,9 @@ async fn read_loop(
         let work = match frame {
             Frame::Batch(batch) => {
                 let unpacked =
-                    tokio::task::spawn_blocking(move || unpack(batch, max_raw, partition_count))
-                        .await;
+                    tokio::task::spawn_blocking(move || Incoming::unpack(&batch, max_raw)).await;
                 match unpacked {
-                    Ok(Ok(u)) => Work::Batch(u),
+                    Ok(Ok(b)) => Work::Batch(b),
                     Ok(Err(e)) => break End::Malformed(e.code(), format!("bad batch: {e}")),
                     Err(e) => {
                         break End::Failed(
@@ -521,48 +505,23 @@ async fn read_loop(
                 }
             }
             Frame::Heartbeat(_) => Work::Heartbeat,
-            Frame::Error(e) => break End::PeerError(e),
-            Frame::Chunk(_) | Frame::FileDone(_) | Frame::CheckpointDone(_) => {
-                break End::Malformed(
-                    ErrorCode::UNEXPECTED_FRAME,
-                    format!(
-                        "{} (checkpoint transfer) is not supported by this receiver yet; \
-                         use an incremental duplication",
-                        frame.name()
-                    ),
-                )
-            }
-            other => {
-                break End::Malformed(
-                    ErrorCode::UNEXPECTED_FRAME,
-                    format!(
-                    "{} is not expected from a shipper after the Welcome; send Batch or Heartbeat",
-                    other.name()
-                ),
-                )
+            last => {
+                if !matches!(last, Frame::Error(_)) {
+                    // Tell the peer to stop sending; the session's Error frame follows.
+                    let _ = recv.stop(VarInt::from_u32(0));
+                }
+                let _ = tx.send(Work::Last(last)).await;
+                return;
             }
         };
         if tx.send(work).await.is_err() {
             return;
         }
     };
-    if !matches!(end, End::Clean | End::Lost(_) | End::PeerError(_)) {
-        // Tell the peer to stop sending; the Error frame follows from the writer.
+    if !matches!(end, End::Clean | End::Lost(_)) {
         let _ = recv.stop(VarInt::from_u32(0));
     }
     let _ = tx.send(Work::End(end)).await;
-}
-
-fn unpack(batch: wire::Batch, max_raw: usize, partition_count: u32) -> Result<Unpacked, WireError> {
-    let records = wire::unpack_batch(&batch, max_raw)?;
-    Ok(Unpacked {
-        first: batch.first_decree,
-        last: batch.last_decree,
-        count: batch.count,
-        raw_len: batch.raw_len,
-        batches: 1,
-        parts: route::split(records, partition_count),
-    })
 }
 
 /// Reads until the next whole frame: `None` at a clean end of the stream (between frames).
@@ -649,6 +608,67 @@ impl FrameBuffer {
     }
 }
 
+/// An inbox could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError {
+    #[error("cannot {action} the inbox of target partition {partition}: {source}")]
+    Log {
+        action: &'static str,
+        partition: u32,
+        #[source]
+        source: LogError,
+    },
+    #[error("the thread {action} the inbox of target partition {partition} failed ({source})")]
+    Thread {
+        action: &'static str,
+        partition: u32,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("the thread splitting a batch by target partition failed ({0})")]
+    Split(#[source] tokio::task::JoinError),
+}
+
+/// An append running on the blocking pool; the writers go with it and come back.
+struct Append {
+    task: tokio::task::JoinHandle<(Vec<InboxWriter>, Result<Decree, InboxError>)>,
+    started: Instant,
+}
+
+impl Append {
+    /// Splits `records` by target partition and appends each part to its writer.
+    fn start(writers: Vec<InboxWriter>, records: Vec<PlogRecord>, partition_count: u32) -> Append {
+        let task = tokio::spawn(async move {
+            match tokio::task::spawn_blocking(move || route::split(records, partition_count)).await
+            {
+                Ok(parts) => append_all(writers, parts).await,
+                Err(e) => (writers, Err(InboxError::Split(e))),
+            }
+        });
+        Append {
+            task,
+            started: Instant::now(),
+        }
+    }
+
+    /// Waits for it: the writers (none if its task failed), the decree now durable in every
+    /// target partition or why not, and how long it took. Cancellation-safe.
+    async fn done(&mut self) -> (Vec<InboxWriter>, Result<Decree, InboxError>, Duration) {
+        let (writers, result) = match (&mut self.task).await {
+            Ok(v) => v,
+            Err(e) => (
+                Vec::new(),
+                Err(InboxError::Thread {
+                    action: "appending to",
+                    partition: 0,
+                    source: e,
+                }),
+            ),
+        };
+        (writers, result, self.started.elapsed())
+    }
+}
+
 /// Opens (recovering) the inbox of `source` in each of the table's `partition_count` partition
 /// directories under `table_dir`, in parallel.
 async fn open_writers(
@@ -656,7 +676,7 @@ async fn open_writers(
     source: Source,
     partition_count: u32,
     segment_bytes: u64,
-) -> Result<Vec<InboxWriter>, String> {
+) -> Result<Vec<InboxWriter>, InboxError> {
     let handles: Vec<_> = (0..partition_count)
         .map(|tp| {
             let dir = table_dir.join(tp.to_string());
@@ -665,23 +685,27 @@ async fn open_writers(
         .collect();
     let mut writers = Vec::with_capacity(handles.len());
     let mut failure = None;
-    for (tp, h) in handles.into_iter().enumerate() {
+    for (partition, h) in (0..).zip(handles) {
         match h.await {
             Ok(Ok(w)) => writers.push(w),
-            Ok(Err(e)) => {
-                failure.get_or_insert(format!(
-                    "cannot open the inbox of target partition {tp}: {e}"
-                ));
+            Ok(Err(source)) => {
+                failure.get_or_insert(InboxError::Log {
+                    action: "open",
+                    partition,
+                    source,
+                });
             }
-            Err(e) => {
-                failure.get_or_insert(format!(
-                    "the thread opening the inbox of target partition {tp} failed ({e})"
-                ));
+            Err(source) => {
+                failure.get_or_insert(InboxError::Thread {
+                    action: "opening",
+                    partition,
+                    source,
+                });
             }
         }
     }
     match failure {
-        Some(m) => Err(m),
+        Some(e) => Err(e),
         None => Ok(writers),
     }
 }
@@ -692,7 +716,7 @@ async fn open_writers(
 async fn append_all(
     writers: Vec<InboxWriter>,
     parts: Vec<Vec<PlogRecord>>,
-) -> (Vec<InboxWriter>, Result<Decree, String>) {
+) -> (Vec<InboxWriter>, Result<Decree, InboxError>) {
     let handles: Vec<_> = writers
         .into_iter()
         .zip(parts)
@@ -705,24 +729,28 @@ async fn append_all(
         .collect();
     let mut back = Vec::with_capacity(handles.len());
     let mut failure = None;
-    for (tp, h) in handles.into_iter().enumerate() {
+    for (partition, h) in (0..).zip(handles) {
         match h.await {
             Ok((w, Ok(_))) => back.push(w),
-            Ok((w, Err(e))) => {
+            Ok((w, Err(source))) => {
                 back.push(w);
-                failure.get_or_insert(format!(
-                    "cannot write the inbox of target partition {tp}: {e}"
-                ));
+                failure.get_or_insert(InboxError::Log {
+                    action: "write",
+                    partition,
+                    source,
+                });
             }
-            Err(e) => {
-                failure.get_or_insert(format!(
-                    "the thread writing the inbox of target partition {tp} failed ({e})"
-                ));
+            Err(source) => {
+                failure.get_or_insert(InboxError::Thread {
+                    action: "writing",
+                    partition,
+                    source,
+                });
             }
         }
     }
     match failure {
-        Some(m) => (back, Err(m)),
+        Some(e) => (back, Err(e)),
         None => {
             let c = confirmed(&back);
             (back, Ok(c))
@@ -835,54 +863,6 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::MALFORMED);
     }
 
-    fn unpacked(first: u64, last: u64) -> Unpacked {
-        let c = ClusterId::new(1).expect("valid");
-        let records: Vec<PlogRecord> = (first..=last)
-            .map(|d| PlogRecord {
-                decree: Decree(d),
-                timetag: Timetag::new(d, c, false),
-                ops: vec![Op::Delete {
-                    key: format!("k{d}").into_bytes(),
-                }],
-            })
-            .collect();
-        Unpacked {
-            first: Decree(first),
-            last: Decree(last),
-            count: (last - first + 1) as u32,
-            raw_len: 10,
-            batches: 1,
-            parts: route::split(records, 3),
-        }
-    }
-
-    #[test]
-    fn only_a_directly_following_batch_is_merged() {
-        let mut a = unpacked(1, 4);
-        assert!(a.absorb(unpacked(5, 9)).is_ok());
-        assert_eq!(
-            (a.first, a.last, a.count, a.batches),
-            (Decree(1), Decree(9), 9, 2)
-        );
-        for part in &a.parts {
-            let decrees: Vec<u64> = part.iter().map(|r| r.decree.0).collect();
-            assert_eq!(
-                decrees,
-                (1..=9).collect::<Vec<_>>(),
-                "every inbox stays contiguous"
-            );
-        }
-        let ops: usize = a.parts.iter().flatten().map(|r| r.ops.len()).sum();
-        assert_eq!(ops, 9, "each write lands in exactly one target partition");
-        let back = a.absorb(unpacked(11, 12)).expect_err("a gap is not merged");
-        assert_eq!(back.first, Decree(11));
-        assert!(
-            a.absorb(unpacked(9, 12)).is_err(),
-            "an overlap is not merged"
-        );
-        assert_eq!(a.last, Decree(9));
-    }
-
     #[test]
     fn messages_are_cut_at_a_character_boundary() {
         let s = "é".repeat(3000);
@@ -930,6 +910,8 @@ mod tests {
             ops: vec![],
         }];
         let (_, r) = append_all(again, route::split(gap, 3)).await;
-        assert!(r.expect_err("gap").contains("target partition 0"));
+        let e = r.expect_err("gap");
+        assert!(matches!(e, InboxError::Log { partition: 0, .. }), "{e}");
+        assert!(e.to_string().contains("target partition 0"), "{e}");
     }
 }

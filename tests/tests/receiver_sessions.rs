@@ -454,7 +454,9 @@ async fn batches_from_eight_source_partitions_land_in_exactly_their_target_parti
 
     let m = h.metrics();
     assert_eq!(metric(&m, "receiver_batches_total"), 24.0, "{m}");
-    assert_eq!(metric(&m, "receiver_records_total"), 8.0 * 65.0, "{m}");
+    // Every batch is acknowledged, the resent one too; its records were durable already, so
+    // only the 45 distinct records of each source partition were written.
+    assert_eq!(metric(&m, "receiver_records_total"), 8.0 * 45.0, "{m}");
     assert_eq!(metric(&m, "receiver_sessions"), 0.0, "{m}");
     assert_eq!(
         metric(
@@ -675,8 +677,12 @@ async fn a_stale_token_is_refused_and_a_newer_one_preempts_the_live_session() {
     // The same shipper reconnecting with the same token replaces its own session.
     let (mut again, confirmed) = Client::welcome(&new_conn, sp, 7).await;
     assert_eq!(confirmed, 15);
-    let (code, _) = new.expect_error().await;
-    assert_eq!(code, ErrorCode::STALE_FENCING_TOKEN);
+    let (code, message) = new.expect_error().await;
+    assert_eq!(
+        code,
+        ErrorCode::SUPERSEDED,
+        "not a lost election, so the shipper retries: {message}"
+    );
     again.send(&batch(&records(sp, 16, 16, "again"))).await;
     assert_eq!(again.expect_ack().await, 16);
 

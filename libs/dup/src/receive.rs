@@ -13,6 +13,7 @@
 //! handle_batch / handle_heartbeat        (frames, in stream order)
 //! poll: Append{records}                   (one at a time; queued batches that follow are merged)
 //! handle_appended(durable)  ─▶ poll: Send(Ack{durable})
+//! handle_finished(error)                  (no more frames: the queue is still written, then End)
 //! stop(reason)                            (preempted: no ack for the append in progress)
 //! poll: End(error frame to answer with, if any)
 //! ```
@@ -218,7 +219,8 @@ pub type LiveId = u64;
 ///
 /// - An older token than the stored one is refused (`STALE_FENCING_TOKEN`).
 /// - A newer token preempts the live session of the same inbox.
-/// - An equal token is the same shipper reconnecting: admitted, its old session is ended.
+/// - An equal token is the same shipper reconnecting: admitted, its old session is ended (see
+///   [`preempted`]).
 pub fn admit(stored: u64, live: Option<(LiveId, u64)>, token: u64) -> Admission {
     if token < stored {
         return Admission::Stale { newest: stored };
@@ -245,6 +247,30 @@ pub fn stale_refusal(token: u64, newest: u64, what: &str) -> Refusal {
     }
 }
 
+/// The `Error` a live session (of token `old`) is ended with when a session of `token` for the
+/// same inbox is admitted: a newer token took over (`STALE_FENCING_TOKEN`: that shipper lost its
+/// election), or the same shipper reconnected (`SUPERSEDED`: it retries, and its newer session
+/// goes on). `what` names the partition.
+pub fn preempted(old: u64, token: u64, what: &str) -> wire::Error {
+    if old < token {
+        wire::Error {
+            code: ErrorCode::STALE_FENCING_TOKEN,
+            message: format!(
+                "a shipper with the newer fencing token {token} took over {what}; this session \
+                 (token {old}) ends and its further batches are not written"
+            ),
+        }
+    } else {
+        wire::Error {
+            code: ErrorCode::SUPERSEDED,
+            message: format!(
+                "the same shipper (fencing token {token}) opened a new session for {what}; this \
+                 older session ends"
+            ),
+        }
+    }
+}
+
 /// A batch unpacked: its header and records (still unsplit by target partition).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Incoming {
@@ -252,6 +278,8 @@ pub struct Incoming {
     pub last: Decree,
     pub count: u32,
     pub raw_len: u32,
+    /// Wire batches merged into this one (1 when unpacked).
+    pub batches: u64,
     pub records: Vec<PlogRecord>,
 }
 
@@ -265,6 +293,7 @@ impl Incoming {
             last: batch.last_decree,
             count: batch.count,
             raw_len: batch.raw_len,
+            batches: 1,
             records,
         })
     }
@@ -279,6 +308,7 @@ impl Incoming {
         self.last = next.last;
         self.count = self.count.saturating_add(next.count);
         self.raw_len = self.raw_len.saturating_add(next.raw_len);
+        self.batches += next.batches;
         self.records.extend(next.records);
         Ok(())
     }
@@ -304,7 +334,7 @@ pub enum ReceiveEvent {
 /// Counters of one session, for the driver to export.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReceiveStats {
-    /// Wire batches received.
+    /// Wire batches acknowledged: made durable, or found durable already (resent).
     pub batches: u64,
     /// Records made durable.
     pub records: u64,
@@ -324,6 +354,7 @@ enum Work {
 
 #[derive(Debug, Clone, Copy)]
 struct Appending {
+    batches: u64,
     count: u64,
     raw_len: u64,
 }
@@ -335,6 +366,8 @@ pub struct ReceiveSession {
     durable: Decree,
     queue: VecDeque<Work>,
     appending: Option<Appending>,
+    /// No more frames come; once the queue is written the session ends with this error (if any).
+    finishing: Option<Option<wire::Error>>,
     stopped: Option<wire::Error>,
     out: VecDeque<ReceiveEvent>,
     ended: bool,
@@ -355,6 +388,7 @@ impl ReceiveSession {
             durable,
             queue: VecDeque::new(),
             appending: None,
+            finishing: None,
             stopped: None,
             out,
             ended: false,
@@ -385,7 +419,10 @@ impl ReceiveSession {
     /// Whether the driver should read more frames now (back-pressure: at most [`PIPELINE`]
     /// batches wait behind the append).
     pub fn wants_frames(&self) -> bool {
-        !self.ended && self.stopped.is_none() && self.queue.len() < PIPELINE
+        !self.ended
+            && self.stopped.is_none()
+            && self.finishing.is_none()
+            && self.queue.len() < PIPELINE
     }
 
     /// This session's counters.
@@ -397,7 +434,7 @@ impl ReceiveSession {
     pub fn handle_batch_frame(&mut self, batch: &wire::Batch, max_raw: usize) {
         match Incoming::unpack(batch, max_raw) {
             Ok(b) => self.handle_batch(b),
-            Err(e) => self.end(Some(wire::Error {
+            Err(e) => self.handle_finished(Some(wire::Error {
                 code: e.code(),
                 message: format!("bad batch: {e}"),
             })),
@@ -406,40 +443,38 @@ impl ReceiveSession {
 
     /// An unpacked batch came (see [`Incoming::unpack`]).
     pub fn handle_batch(&mut self, batch: Incoming) {
-        if self.ended || self.stopped.is_some() {
+        if self.ended || self.stopped.is_some() || self.finishing.is_some() {
             return;
         }
-        self.stats.batches += 1;
         self.queue.push_back(Work::Batch(batch));
     }
 
     /// A `Heartbeat` came: it is answered with the durable decree, in order after the batches
     /// before it.
     pub fn handle_heartbeat(&mut self) {
-        if self.ended || self.stopped.is_some() {
+        if self.ended || self.stopped.is_some() || self.finishing.is_some() {
             return;
         }
         self.queue.push_back(Work::Heartbeat);
     }
 
     /// Any frame after the `Welcome`: batches, heartbeats, the shipper's `Error`; anything else
-    /// ends the session.
+    /// ends the session (after what came before it is written and acknowledged).
     pub fn handle_frame(&mut self, frame: &Frame, max_raw: usize) {
         match frame {
             Frame::Batch(b) => self.handle_batch_frame(b, max_raw),
             Frame::Heartbeat(_) => self.handle_heartbeat(),
             Frame::Error(_) => self.end(None),
-            Frame::Chunk(_) | Frame::FileDone(_) | Frame::CheckpointDone(_) => {
-                self.end(Some(wire::Error {
+            Frame::Chunk(_) | Frame::FileDone(_) | Frame::CheckpointDone(_) => self
+                .handle_finished(Some(wire::Error {
                     code: ErrorCode::UNEXPECTED_FRAME,
                     message: format!(
                         "{} (checkpoint transfer) is not supported by this receiver yet; use an \
                          incremental duplication",
                         frame.name()
                     ),
-                }))
-            }
-            other => self.end(Some(wire::Error {
+                })),
+            other => self.handle_finished(Some(wire::Error {
                 code: ErrorCode::UNEXPECTED_FRAME,
                 message: format!(
                     "{} is not expected from a shipper after the Welcome; send Batch or Heartbeat",
@@ -449,9 +484,19 @@ impl ReceiveSession {
         }
     }
 
-    /// The stream ended (cleanly or not): nothing can be sent any more.
+    /// The stream or connection broke, or the shipper gave up: nothing more is written or sent.
     pub fn handle_closed(&mut self) {
         self.end(None);
+    }
+
+    /// No more frames come: the shipper finished its stream (`None`), or sent something this
+    /// session refuses (the `Error` to answer with). What is queued is still written and
+    /// acknowledged; then the session ends. The first call wins.
+    pub fn handle_finished(&mut self, error: Option<wire::Error>) {
+        if self.ended || self.finishing.is_some() {
+            return;
+        }
+        self.finishing = Some(error);
     }
 
     /// The outstanding append is durable: the inbox now holds decrees up to `durable`.
@@ -460,6 +505,7 @@ impl ReceiveSession {
             return;
         };
         self.durable = self.durable.max(durable);
+        self.stats.batches += a.batches;
         self.stats.records += a.count;
         self.stats.raw_bytes += a.raw_len;
         self.stats.appends += 1;
@@ -504,6 +550,9 @@ impl ReceiveSession {
             return self.end(Some(reason));
         }
         let Some(work) = self.queue.pop_front() else {
+            if let Some(error) = self.finishing.take() {
+                self.end(error);
+            }
             return;
         };
         let mut b = match work {
@@ -537,10 +586,12 @@ impl ReceiveSession {
         let mut records = b.records;
         records.retain(|r| r.decree > durable);
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            self.stats.batches += b.batches;
             return self.ack();
         };
         let (first, last) = (first.decree, last.decree);
         self.appending = Some(Appending {
+            batches: b.batches,
             count: records.len() as u64,
             raw_len,
         });
@@ -682,6 +733,57 @@ mod tests {
     }
 
     #[test]
+    fn what_came_before_the_end_of_the_frames_is_still_written_and_acked() {
+        let mut s = opened(0);
+        s.handle_batch(batch(1, 2));
+        drain(&mut s);
+        s.handle_batch(batch(3, 4));
+        // A frame the session refuses, while 3..=4 waits behind the append of 1..=2.
+        s.handle_frame(
+            &Frame::Welcome(wire::Welcome {
+                confirmed_decree: Decree(1),
+                present_files: vec![],
+            }),
+            1 << 20,
+        );
+        assert!(!s.wants_frames(), "nothing more is read");
+        s.handle_batch(batch(5, 6));
+        s.handle_appended(Decree(2));
+        let evs = drain(&mut s);
+        assert_eq!(
+            evs[..2],
+            [
+                ack(2),
+                ReceiveEvent::Append {
+                    first: Decree(3),
+                    last: Decree(4),
+                    records: recs(3, 4)
+                }
+            ],
+            "{evs:?}"
+        );
+        assert_eq!(
+            evs.len(),
+            2,
+            "a batch after the bad frame is not taken: {evs:?}"
+        );
+        s.handle_appended(Decree(4));
+        let evs = drain(&mut s);
+        assert!(
+            matches!(&evs[..], [a, ReceiveEvent::End(Some(e))] if *a == ack(4) && e.code == ErrorCode::UNEXPECTED_FRAME),
+            "{evs:?}"
+        );
+
+        // A clean end of the stream: the queue is written, then the session ends quietly.
+        let mut s = opened(0);
+        s.handle_batch(batch(1, 2));
+        s.handle_finished(None);
+        assert!(matches!(&drain(&mut s)[..], [ReceiveEvent::Append { .. }]));
+        s.handle_appended(Decree(2));
+        assert_eq!(drain(&mut s), vec![ack(2), ReceiveEvent::End(None)]);
+    }
+
+    #[test]
     fn a_resent_batch_appends_only_what_is_new() {
         let mut s = opened(5);
         s.handle_batch(batch(3, 5));
@@ -768,6 +870,20 @@ mod tests {
             !s.wants_frames(),
             "{PIPELINE} batches wait behind the append"
         );
+    }
+
+    #[test]
+    fn a_preempted_session_is_told_whether_its_election_is_lost() {
+        let e = preempted(5, 7, "partition 3");
+        assert_eq!(e.code, ErrorCode::STALE_FENCING_TOKEN);
+        assert!(e.message.contains("newer fencing token 7") && e.message.contains("token 5"));
+        let e = preempted(7, 7, "partition 3");
+        assert_eq!(
+            e.code,
+            ErrorCode::SUPERSEDED,
+            "the same shipper reconnecting keeps its election"
+        );
+        assert!(e.message.contains("partition 3"), "{}", e.message);
     }
 
     #[test]

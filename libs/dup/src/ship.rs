@@ -1264,5 +1264,12 @@ mod tests {
             refused("r", &err(ErrorCode::UNAVAILABLE, "busy"), true),
             Failure::Transport(_)
         ));
+        assert!(
+            matches!(
+                refused("r", &err(ErrorCode::SUPERSEDED, "same token"), true),
+                Failure::Transport(_)
+            ),
+            "a session replaced by the same shipper's newer one is retried, not fenced"
+        );
     }
 }

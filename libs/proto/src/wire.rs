@@ -204,6 +204,10 @@ impl ErrorCode {
     pub const UNAVAILABLE: ErrorCode = ErrorCode(9);
     /// Anything else; the message says what.
     pub const INTERNAL: ErrorCode = ErrorCode(10);
+    /// The same shipper (same fencing token) opened a newer session for this partition, so this
+    /// one ends. Not a lost election: a shipper that sees it on a session it still uses
+    /// reconnects.
+    pub const SUPERSEDED: ErrorCode = ErrorCode(11);
 
     /// A short name for logs and metrics labels.
     pub fn name(self) -> &'static str {
@@ -218,6 +222,7 @@ impl ErrorCode {
             ErrorCode::CHECKSUM_MISMATCH => "checksum_mismatch",
             ErrorCode::UNAVAILABLE => "unavailable",
             ErrorCode::INTERNAL => "internal",
+            ErrorCode::SUPERSEDED => "superseded",
             _ => "unknown",
         }
     }

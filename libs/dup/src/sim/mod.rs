@@ -27,7 +27,8 @@
 //! - (c) a fenced (stale) shipper never advances the persisted progress, and a preempted
 //!   receive session never starts an append;
 //! - (d) the inbox is appended at most once per decree: contiguous, no duplicates;
-//! - (e) progress never goes backwards (persisted, per term, inbox).
+//! - (e) progress never goes backwards (persisted, per term, inbox);
+//! - (f) only a lost election fences: a shipper that still leads is never told it is stale.
 //!
 //! Any seed replays alone: `FERRY_SIM_SEED=N cargo test -p ferry-dup --release --test sim`.
 
@@ -71,9 +72,6 @@ pub struct Report {
     pub fenced_writes: u64,
     /// Appends (fsyncs) in the inbox.
     pub appends: u64,
-    /// Terms that ended because the receiver said `STALE_FENCING_TOKEN` although the shipper
-    /// still led its election (an equal-token reconnect preempting a newer session).
-    pub fenced_while_leading: u64,
     /// Records whose ops FAIL_SKIP stripped.
     pub skipped_ops: u64,
     /// Batches and heartbeats the shippers sent.

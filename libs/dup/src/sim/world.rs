@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use ferry_proto::wire::{self, ErrorCode, Frame};
+use ferry_proto::wire::{ErrorCode, Frame};
 use ferry_proto::{ClusterId, Decree, DupId, Op, PartitionId, PlogRecord, Timetag};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1165,7 +1165,12 @@ impl World {
             Failure::Fenced(_) => {
                 self.event(format!("shipper {i} session ends: FENCED: {failure}"));
                 if self.etcd.leader == Some((i, token)) {
-                    self.report.fenced_while_leading += 1;
+                    violated!(
+                        self,
+                        "(f) only a lost election fences",
+                        "shipper {i} was told its token {token} is stale while it still leads \
+                         its election"
+                    );
                 }
                 return self.end_term(i, false);
             }
@@ -1435,10 +1440,8 @@ impl World {
                     preempt.map_or(String::new(), |p| format!(", preempts conn {p}"))
                 ));
                 if let Some(old) = preempt {
-                    let reason = wire::Error {
-                        code: ErrorCode::STALE_FENCING_TOKEN,
-                        message: format!("a shipper with fencing token {token} took over"),
-                    };
+                    let old_token = self.receiver.sessions.get(&old).map_or(0, |s| s.token);
+                    let reason = receive::preempted(old_token, token, "partition 0");
                     match self.receiver.sessions.get_mut(&old).map(|s| &mut s.state) {
                         Some(RState::Open(s)) => {
                             s.stop(reason);
