@@ -8,23 +8,24 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use ferry_certs::InitOptions;
 use ferry_engine::{Expiry, Partition, PartitionOptions, SetCond, Source, WriteCmd};
-use ferry_log::plog::{list_segments, Committed, PlogReader};
 use ferry_meta::config::ClusterConfig;
 use ferry_meta::dups::DupPolicy;
 use ferry_meta::status::DupEvent;
 use ferry_meta::{self as meta, DupMode, MetaStore};
-use ferry_proto::{ClusterId, Decree, DupId, Op, PartitionId, PlogRecord};
+use ferry_proto::{ClusterId, Decree, DupId, Op, PartitionId};
 use ferry_shipper::config::ShipperConfig;
 use ferry_shipper::http::Duplications;
 use ferry_tests::etcd::{http_get, Coordinator, CoordinatorSpec, Etcd};
-use ferry_tests::procs::{bin_path, free_port, loopback, Proc};
+use ferry_tests::inbox::durable_records;
+use ferry_tests::netns::Place;
+use ferry_tests::procs::{free_port, loopback};
+use ferry_tests::receiver::{Receiver, ReceiverSpec};
 use tokio_util::sync::CancellationToken;
 
 const SOURCE: &str = "bj";
@@ -52,7 +53,7 @@ struct World {
     etcd: Etcd,
     dir: tempfile::TempDir,
     _coordinator: Coordinator,
-    _receiver: Proc,
+    receiver: Receiver,
     source_meta: MetaStore,
     partitions: Vec<Partition>,
     shipper_http: SocketAddr,
@@ -138,7 +139,7 @@ impl World {
             etcd,
             dir,
             _coordinator: coordinator,
-            _receiver: receiver,
+            receiver,
             source_meta,
             partitions,
             shipper_http: loopback(0),
@@ -216,11 +217,34 @@ impl World {
         if self.shipper.is_finished() {
             bail!("the shipper stopped");
         }
-        wait_views(self.shipper_http, what, ok, &self.dir).await
+        self.wait_views(self.shipper_http, what, ok).await
+    }
+
+    /// Waits until the shipper on `http` shows one row per source partition, each satisfying
+    /// `ok`.
+    async fn wait_views(
+        &self,
+        http: SocketAddr,
+        what: &str,
+        ok: impl Fn(&ferry_shipper::status::View) -> bool,
+    ) -> Result<Vec<ferry_shipper::status::View>> {
+        let deadline = Instant::now() + WAIT;
+        let mut rows = Vec::new();
+        while Instant::now() < deadline {
+            rows = views(http);
+            if rows.len() == SOURCE_PARTITIONS as usize && rows.iter().all(&ok) {
+                return Ok(rows);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!(
+            "{what}: not reached within {WAIT:?}; rows: {rows:#?}\nreceiver log:\n{}",
+            self.receiver.log_text()
+        )
     }
 
     /// Every key put into the target inboxes for source partition `sp`, and the decrees seen.
-    fn inbox(&self, sp: u32) -> (BTreeSet<String>, BTreeSet<u64>) {
+    fn inbox(&self, sp: u32) -> Result<(BTreeSet<String>, BTreeSet<u64>)> {
         let mut keys = BTreeSet::new();
         let mut decrees = BTreeSet::new();
         for tp in 0..TARGET_PARTITIONS {
@@ -230,14 +254,11 @@ impl World {
                 .join("tj-data")
                 .join(TABLE)
                 .join(tp.to_string());
-            let dir = ferry_log::inbox::inbox_dir(
-                &pdir,
-                Source {
-                    cluster: ClusterId::new(1).expect("valid id"),
-                    partition: PartitionId(sp),
-                },
-            );
-            for r in read_all(&dir) {
+            let source = Source {
+                cluster: ClusterId::new(1).context("id")?,
+                partition: PartitionId(sp),
+            };
+            for r in durable_records(&pdir, source)? {
                 decrees.insert(r.decree.0);
                 for op in r.ops {
                     if let Op::Put { key, .. } = op {
@@ -246,7 +267,7 @@ impl World {
                 }
             }
         }
-        (keys, decrees)
+        Ok((keys, decrees))
     }
 }
 
@@ -259,80 +280,23 @@ fn views(http: SocketAddr) -> Vec<ferry_shipper::status::View> {
         .unwrap_or_default()
 }
 
-/// Waits until a shipper shows one row per source partition, each satisfying `ok`.
-async fn wait_views(
-    http: SocketAddr,
-    what: &str,
-    ok: impl Fn(&ferry_shipper::status::View) -> bool,
-    dir: &tempfile::TempDir,
-) -> Result<Vec<ferry_shipper::status::View>> {
-    let deadline = Instant::now() + WAIT;
-    let mut rows = Vec::new();
-    while Instant::now() < deadline {
-        rows = views(http);
-        if rows.len() == SOURCE_PARTITIONS as usize && rows.iter().all(&ok) {
-            return Ok(rows);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!(
-        "{what}: not reached within {WAIT:?}; rows: {rows:#?}\nreceiver log:\n{}",
-        std::fs::read_to_string(dir.path().join("receiver.log")).unwrap_or_default()
-    )
-}
-
-fn read_all(dir: &Path) -> Vec<PlogRecord> {
-    let Ok(Some(c)) = Committed::read(dir) else {
-        return Vec::new();
+/// The target's receiver, for node `tj-n1` with its data in `dir/tj-data`.
+async fn start_receiver(etcd: &Etcd, dir: &Path) -> Result<Receiver> {
+    let spec = ReceiverSpec {
+        cluster: TARGET.into(),
+        cluster_id: 2,
+        group: "{ bj = 1, tj = 2 }".into(),
+        etcd_endpoint: etcd.endpoint(),
+        node: TARGET_NODE.into(),
+        data_dir: dir.join("tj-data"),
+        certs_dir: dir.join("certs"),
+        dir: dir.to_path_buf(),
+        place: Place::local(),
+        listen: None,
+        extra_toml: "bandwidth_mbps = 100\n".into(),
     };
-    let Some(first) = list_segments(dir).ok().and_then(|s| s.first().cloned()) else {
-        return Vec::new();
-    };
-    PlogReader::new(dir, first.first_decree)
-        .read(c.decree, usize::MAX)
-        .unwrap_or_default()
-}
-
-async fn start_receiver(etcd: &Etcd, dir: &Path) -> Result<Proc> {
-    let (quic, http) = (loopback(free_port()), loopback(free_port()));
-    let config: PathBuf = dir.join("receiver.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\nname = \"{TARGET}\"\nid = 2\nduplication_group = {{ bj = 1, tj = 2 }}\n\n\
-             [etcd]\nendpoints = [\"{}\"]\n\n\
-             [receiver]\nnode = \"{TARGET_NODE}\"\nlisten = \"{quic}\"\nhttp_addr = \"{http}\"\n\
-             data_dir = \"{}\"\ncerts_dir = \"{}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\n\
-             bandwidth_mbps = 100\nrtt_ms = 5\nshutdown_grace = \"2s\"\n",
-            etcd.endpoint(),
-            dir.join("tj-data").display(),
-            dir.join("certs").display(),
-        ),
-    )?;
-    let log = std::fs::File::create(dir.join("receiver.log"))?;
-    let mut cmd = Command::new(bin_path("receiver"));
-    cmd.arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log));
-    let mut proc = Proc::spawn("receiver", &mut cmd)?;
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if let Some(status) = proc.child.try_wait()? {
-            bail!(
-                "receiver exited with {status}: {}",
-                std::fs::read_to_string(dir.join("receiver.log")).unwrap_or_default()
-            );
-        }
-        if let Ok((200, body)) = http_get(http, "/health") {
-            if body.contains(r#""stage":"serving""#) {
-                return Ok(proc);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("receiver did not report `serving` within {WAIT:?}")
+    // Off the runtime: it waits with blocking sleeps.
+    tokio::task::spawn_blocking(move || Receiver::start(&spec)).await?
 }
 
 /// An incremental dup ships exactly the writes made after it was added, from every partition,
@@ -366,7 +330,7 @@ async fn incremental_dup_ships_new_writes_and_pause_holds_them() -> Result<()> {
         assert!(r.receiver.is_some());
     }
     for p in 0..SOURCE_PARTITIONS {
-        let (keys, decrees) = w.inbox(p);
+        let (keys, decrees) = w.inbox(p)?;
         assert_eq!(
             keys, after[p as usize],
             "partition {p}: exactly the writes after the dup"
@@ -425,7 +389,7 @@ async fn incremental_dup_ships_new_writes_and_pause_holds_them() -> Result<()> {
     assert!(p0.plog_retained_bytes > 0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
-        w.inbox(0).0.is_disjoint(&paused_writes),
+        w.inbox(0)?.0.is_disjoint(&paused_writes),
         "nothing ships while paused"
     );
 
@@ -439,7 +403,7 @@ async fn incremental_dup_ships_new_writes_and_pause_holds_them() -> Result<()> {
             && r.confirmed_decree == r.committed_decree
     })
     .await?;
-    let (keys, _) = w.inbox(0);
+    let (keys, _) = w.inbox(0)?;
     assert!(paused_writes.is_subset(&keys));
 
     w.cancel.cancel();
@@ -469,13 +433,11 @@ async fn a_second_shipper_takes_over_without_losing_writes() -> Result<()> {
         })
         .await?;
     let (b_http, b_handle, b_cancel) = w.spawn_shipper()?;
-    let standby = wait_views(
-        b_http,
-        "the second shipper campaigns",
-        |r| r.state == "campaigning",
-        &w.dir,
-    )
-    .await?;
+    let standby = w
+        .wait_views(b_http, "the second shipper campaigns", |r| {
+            r.state == "campaigning"
+        })
+        .await?;
     assert!(
         standby.iter().all(|r| r.fencing_token.is_none()),
         "one leader per partition"
@@ -487,13 +449,11 @@ async fn a_second_shipper_takes_over_without_losing_writes() -> Result<()> {
     for p in 0..SOURCE_PARTITIONS {
         written[p as usize].extend(w.write(p, 50..80).await?);
     }
-    let taken = wait_views(
-        b_http,
-        "the second shipper catches up",
-        |r| r.state == "shipping" && r.confirmed_decree == 80 && r.pending_mutations == 0,
-        &w.dir,
-    )
-    .await?;
+    let taken = w
+        .wait_views(b_http, "the second shipper catches up", |r| {
+            r.state == "shipping" && r.confirmed_decree == 80 && r.pending_mutations == 0
+        })
+        .await?;
     for r in &taken {
         let old = first
             .iter()
@@ -505,7 +465,7 @@ async fn a_second_shipper_takes_over_without_losing_writes() -> Result<()> {
         );
     }
     for p in 0..SOURCE_PARTITIONS {
-        let (keys, decrees) = w.inbox(p);
+        let (keys, decrees) = w.inbox(p)?;
         assert_eq!(
             keys, written[p as usize],
             "partition {p}: every write, none lost"
@@ -639,10 +599,10 @@ async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> 
     assert_eq!(p0.confirmed_decree, 5);
     assert_eq!(p0.pending_mutations, 195);
     assert!(
-        w.inbox(0).1.is_empty(),
+        w.inbox(0)?.1.is_empty(),
         "nothing of partition 0 was shipped"
     );
-    assert_eq!(w.inbox(1).1, (1..=200).collect::<BTreeSet<u64>>());
+    assert_eq!(w.inbox(1)?.1, (1..=200).collect::<BTreeSet<u64>>());
     Ok(())
 }
 

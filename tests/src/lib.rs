@@ -1,4 +1,4 @@
 //! ferry's integration tests (`tests/*.rs`) drive the real binaries against a real etcd. Their
 //! helpers are [`ferry_harness`]'s, re-exported here under the names the tests use.
 
-pub use ferry_harness::{cluster, delay, dup, etcd, netns, procs};
+pub use ferry_harness::{cluster, delay, dup, etcd, inbox, metrics, netns, procs, receiver};

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use ferry_tests::dup::{check_written, wait_converged, Cluster, TwoClusters, Writer};
+use ferry_tests::dup::{check_written, metric, wait_converged, TwoClusters, Writer};
 use ferry_tests::etcd::{http_get, Etcd};
 use ferry_tests::procs::Proc;
 
@@ -237,8 +237,8 @@ fn a_stale_shipper_still_connected_after_losing_its_election_is_refused_by_the_r
     }
     eprintln!(
         "receiver: {} Hello(s) refused as stale",
-        receiver_metric(
-            &w.tj,
+        metric(
+            w.tj.receiver_http,
             "receiver_sessions_rejected_total{reason=\"stale_fencing_token\"}"
         )?
     );
@@ -309,35 +309,6 @@ fn per_partition<T>(rows: &[Value], f: impl Fn(&Value) -> Option<T>) -> Option<V
     (0..PARTITIONS as usize)
         .map(|p| row(rows, p).ok().and_then(&f))
         .collect()
-}
-
-/// The sum of every sample of metric `name` (any labels) on a shipper's `/metrics`.
-fn metric(http: SocketAddr, name: &str) -> Result<f64> {
-    let (status, text) = http_get(http, "/metrics")?;
-    if status != 200 {
-        bail!("/metrics on {http} answered {status}: {text}");
-    }
-    Ok(sum_samples(&text, name))
-}
-
-/// A sample of the receiver's `/metrics`, `name` with its labels as printed.
-fn receiver_metric(c: &Cluster, sample: &str) -> Result<f64> {
-    let (status, text) = http_get(c.receiver_http, "/metrics")?;
-    if status != 200 {
-        bail!("the receiver's /metrics answered {status}: {text}");
-    }
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with(sample))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
-fn sum_samples(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// The confirmed decree in the `Welcome` of the first session B's log shows for partition `p`

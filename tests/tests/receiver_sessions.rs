@@ -5,23 +5,25 @@
 //! Needs the binaries: `cargo build --release --workspace --bins` (scripts/test.sh does it).
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 
 use ferry_certs::{InitOptions, TlsFiles};
-use ferry_log::plog::{list_segments, Committed, PlogReader};
 use ferry_meta::config::ClusterConfig;
 use ferry_meta::{self as meta, MetaStore};
 use ferry_proto::wire::{self, ErrorCode, Frame, PROTOCOL_VERSION};
 use ferry_proto::Source;
 use ferry_proto::{partition_of, ClusterId, Decree, DupId, Op, PartitionId, PlogRecord, Timetag};
 use ferry_tests::etcd::{http_get, Etcd};
+use ferry_tests::inbox::durable_records;
+use ferry_tests::metrics::sum_samples;
+use ferry_tests::netns::Place;
 use ferry_tests::procs::{bin_path, free_port, loopback, Proc};
+use ferry_tests::receiver::{Receiver, ReceiverSpec};
 
 /// The target cluster (where the receiver runs), its node, and the source cluster.
 const TARGET: &str = "tj";
@@ -57,9 +59,8 @@ struct Harness {
     etcd: Etcd,
     dir: tempfile::TempDir,
     meta: MetaStore,
-    receiver: Option<Proc>,
-    quic: SocketAddr,
-    http: SocketAddr,
+    spec: ReceiverSpec,
+    receiver: Receiver,
     client: Endpoint,
 }
 
@@ -83,77 +84,38 @@ impl Harness {
         )
         .await?;
         let client = Endpoint::client(loopback(0))?;
-        let mut h = Harness {
+        let spec = ReceiverSpec {
+            cluster: TARGET.into(),
+            cluster_id: 2,
+            group: format!("{{ {SOURCE} = {SOURCE_ID}, {TARGET} = 2 }}"),
+            etcd_endpoint: etcd.endpoint(),
+            node: NODE.into(),
+            data_dir: dir.path().join("data"),
+            certs_dir: dir.path().join("certs"),
+            dir: dir.path().to_path_buf(),
+            place: Place::local(),
+            listen: None,
+            extra_toml: "inbox_segment_bytes = 65536\nbandwidth_mbps = 100\n".into(),
+        };
+        let receiver = start_receiver(&spec).await?;
+        Ok(Harness {
             etcd,
             dir,
             meta,
-            receiver: None,
-            quic: loopback(0),
-            http: loopback(0),
+            spec,
+            receiver,
             client,
-        };
-        h.start_receiver().await?;
-        Ok(h)
+        })
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+    fn data_dir(&self) -> &Path {
+        &self.spec.data_dir
     }
 
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("receiver.log")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Writes the config with fresh ports and starts the receiver, until `/health` says
-    /// `serving`. Retries on a port taken meanwhile.
-    async fn start_receiver(&mut self) -> Result<()> {
-        let mut last = None;
-        for _ in 0..5 {
-            let (quic, http) = (loopback(free_port()), loopback(free_port()));
-            let config = self.dir.path().join("receiver.toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "[cluster]\nname = \"{TARGET}\"\nid = 2\nduplication_group = {{ {SOURCE} = {SOURCE_ID}, {TARGET} = 2 }}\n\n\
-                     [etcd]\nendpoints = [\"{}\"]\n\n\
-                     [receiver]\nnode = \"{NODE}\"\nlisten = \"{quic}\"\nhttp_addr = \"{http}\"\n\
-                     data_dir = \"{}\"\ncerts_dir = \"{}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\n\
-                     inbox_segment_bytes = 65536\nbandwidth_mbps = 100\nrtt_ms = 5\nshutdown_grace = \"2s\"\n",
-                    self.etcd.endpoint(),
-                    self.data_dir().display(),
-                    self.dir.path().join("certs").display(),
-                ),
-            )?;
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.log_path())?;
-            let mut cmd = Command::new(bin_path("receiver"));
-            cmd.arg("--config")
-                .arg(&config)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(log));
-            let mut proc = Proc::spawn("receiver", &mut cmd)?;
-            match wait_serving(&mut proc, http).await {
-                Ok(()) => {
-                    self.receiver = Some(proc);
-                    self.quic = quic;
-                    self.http = http;
-                    return Ok(());
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("receiver did not start")))
-            .with_context(|| format!("receiver log:\n{}", self.log()))
+    /// Starts the receiver again, on new ports, once the old one is gone.
+    async fn restart_receiver(&mut self) -> Result<()> {
+        self.receiver = start_receiver(&self.spec).await?;
+        Ok(())
     }
 
     /// A connection presenting `cluster`'s shipper certificate of our CA.
@@ -166,7 +128,8 @@ impl Harness {
         let config = ferry_certs::quinn_client_config(ca, cert, key)?;
         let conn = tokio::time::timeout(
             WAIT,
-            self.client.connect_with(config, self.quic, "localhost")?,
+            self.client
+                .connect_with(config, self.receiver.quic, "localhost")?,
         )
         .await
         .context("handshake in time")??;
@@ -174,13 +137,13 @@ impl Harness {
     }
 
     fn metrics(&self) -> String {
-        http_get(self.http, "/metrics")
+        http_get(self.receiver.http, "/metrics")
             .map(|(_, b)| b)
             .unwrap_or_default()
     }
 
     fn health(&self) -> serde_json::Value {
-        http_get(self.http, "/health")
+        http_get(self.receiver.http, "/health")
             .ok()
             .and_then(|(_, b)| serde_json::from_str(&b).ok())
             .unwrap_or_default()
@@ -188,40 +151,19 @@ impl Harness {
 
     /// Every record durable in the inbox of source partition `sp` in target partition `tp`.
     fn inbox(&self, tp: u32, sp: u32) -> Vec<PlogRecord> {
-        let pdir = self.data_dir().join(TABLE).join(tp.to_string());
-        let dir = ferry_log::inbox::inbox_dir(
-            &pdir,
-            Source {
-                cluster: bj(),
-                partition: PartitionId(sp),
-            },
-        );
-        let Some(committed) = Committed::read(&dir).expect("read the committed marker") else {
-            return Vec::new();
+        let source = Source {
+            cluster: bj(),
+            partition: PartitionId(sp),
         };
-        let Some(first) = list_segments(&dir).expect("list segments").first().cloned() else {
-            return Vec::new();
-        };
-        PlogReader::new(&dir, first.first_decree)
-            .read(committed.decree, usize::MAX)
+        durable_records(&self.data_dir().join(TABLE).join(tp.to_string()), source)
             .expect("read the inbox")
     }
 }
 
-async fn wait_serving(proc: &mut Proc, http: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Some(status) = proc.child.try_wait()? {
-            bail!("receiver exited with {status}");
-        }
-        if let Ok((200, body)) = http_get(http, "/health") {
-            if body.contains(r#""stage":"serving""#) {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("receiver did not report `serving` within 30s")
+/// Starts a receiver from `spec` (off the runtime: it waits with blocking sleeps).
+async fn start_receiver(spec: &ReceiverSpec) -> Result<Receiver> {
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || Receiver::start(&spec)).await?
 }
 
 /// One shipper stream.
@@ -367,13 +309,6 @@ fn batch(recs: &[PlogRecord]) -> Frame {
     Frame::Batch(wire::pack_batch(recs, 3))
 }
 
-/// `name{labels} value` from the metrics text, or 0.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_from_eight_source_partitions_land_in_exactly_their_target_partitions() {
     let h = Harness::start().await.expect("harness");
@@ -453,13 +388,13 @@ async fn batches_from_eight_source_partitions_land_in_exactly_their_target_parti
     }
 
     let m = h.metrics();
-    assert_eq!(metric(&m, "receiver_batches_total"), 24.0, "{m}");
+    assert_eq!(sum_samples(&m, "receiver_batches_total"), 24.0, "{m}");
     // Every batch is acknowledged, the resent one too; its records were durable already, so
     // only the 45 distinct records of each source partition were written.
-    assert_eq!(metric(&m, "receiver_records_total"), 8.0 * 45.0, "{m}");
-    assert_eq!(metric(&m, "receiver_sessions"), 0.0, "{m}");
+    assert_eq!(sum_samples(&m, "receiver_records_total"), 8.0 * 45.0, "{m}");
+    assert_eq!(sum_samples(&m, "receiver_sessions"), 0.0, "{m}");
     assert_eq!(
-        metric(
+        sum_samples(
             &m,
             &format!(r#"receiver_confirmed_decree{{table="{TABLE}",dupid="7",partition="5"}}"#)
         ),
@@ -467,11 +402,11 @@ async fn batches_from_eight_source_partitions_land_in_exactly_their_target_parti
         "{m}"
     );
     assert!(
-        metric(&m, r#"receiver_bytes_total{kind="wire"}"#) > 0.0,
+        sum_samples(&m, r#"receiver_bytes_total{kind="wire"}"#) > 0.0,
         "{m}"
     );
     // One inbox write per batch, except where two queued batches were written together.
-    let writes = metric(&m, "receiver_inbox_write_seconds_count");
+    let writes = sum_samples(&m, "receiver_inbox_write_seconds_count");
     assert!((16.0..=24.0).contains(&writes), "{m}");
     // The registration shippers look up.
     let reg = h
@@ -479,7 +414,7 @@ async fn batches_from_eight_source_partitions_land_in_exactly_their_target_parti
         .get(&format!("/ferry/{TARGET}/receivers/{NODE}"))
         .expect("etcdctl")
         .expect("registered");
-    assert!(reg.contains(&h.quic.to_string()), "{reg}");
+    assert!(reg.contains(&h.receiver.quic.to_string()), "{reg}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,14 +512,14 @@ async fn shippers_outside_the_group_or_of_another_ca_or_lying_about_their_cluste
 
     let m = h.metrics();
     assert!(
-        metric(
+        sum_samples(
             &m,
             r#"receiver_sessions_rejected_total{reason="handshake"}"#
         ) >= 1.0,
         "{m}"
     );
     assert_eq!(
-        metric(
+        sum_samples(
             &m,
             r#"receiver_sessions_rejected_total{reason="unauthorized"}"#
         ),
@@ -592,7 +527,7 @@ async fn shippers_outside_the_group_or_of_another_ca_or_lying_about_their_cluste
         "{m}"
     );
     assert_eq!(
-        metric(
+        sum_samples(
             &m,
             r#"receiver_sessions_rejected_total{reason="unknown_table"}"#
         ),
@@ -600,14 +535,14 @@ async fn shippers_outside_the_group_or_of_another_ca_or_lying_about_their_cluste
         "{m}"
     );
     assert_eq!(
-        metric(
+        sum_samples(
             &m,
             r#"receiver_sessions_rejected_total{reason="unavailable"}"#
         ),
         1.0,
         "{m}"
     );
-    assert_eq!(metric(&m, "receiver_sessions"), 1.0, "{m}");
+    assert_eq!(sum_samples(&m, "receiver_sessions"), 1.0, "{m}");
 }
 
 /// Connects with `cluster`'s certificate and sends `hello`; returns the refusal, whether it
@@ -801,7 +736,7 @@ async fn malformed_frames_get_an_error_and_the_receiver_keeps_serving() {
         assert_eq!(h.inbox(tp, 1).len(), 8);
     }
     assert_eq!(h.health()["stage"], "serving");
-    let log = h.log();
+    let log = h.receiver.log_text();
     assert!(
         log.contains("WARN") && log.contains("unknown frame type 99"),
         "the bad frame is logged at WARN:\n{log}"
@@ -826,8 +761,8 @@ async fn after_a_crash_and_a_restart_the_welcome_returns_the_durable_decree() {
         assert_eq!(c.expect_ack().await, 50);
     }
     // kill -9: only what was acknowledged is promised, and all of it was fsynced.
-    h.receiver.take().expect("running").kill9();
-    h.start_receiver().await.expect("restart");
+    h.receiver.proc.kill9();
+    h.restart_receiver().await.expect("restart");
 
     let conn = h.connect(SOURCE).await.expect("connect after restart");
     // The fencing token survived the restart too.
@@ -844,11 +779,10 @@ async fn after_a_crash_and_a_restart_the_welcome_returns_the_durable_decree() {
     assert!(h.etcd.get(&key).expect("etcdctl").is_some());
     let status = h
         .receiver
-        .as_mut()
-        .expect("running")
+        .proc
         .terminate(Duration::from_secs(15))
         .expect("exits after SIGTERM");
-    assert!(status.success(), "{status}: {}", h.log());
+    assert!(status.success(), "{status}: {}", h.receiver.log_text());
     let (code, message) = c.expect_error().await;
     assert_eq!(code, ErrorCode::UNAVAILABLE);
     assert!(message.contains("shutting down"), "{message}");
@@ -861,7 +795,7 @@ async fn after_a_crash_and_a_restart_the_welcome_returns_the_durable_decree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_that_differs_from_the_cluster_is_refused_at_start_up() {
     let h = Harness::start().await.expect("harness");
-    let config = h.dir.path().join("receiver.toml");
+    let config = h.receiver.config.clone();
     let text = std::fs::read_to_string(&config).expect("config");
     let bad = h.dir.path().join("bad.toml");
     std::fs::write(

@@ -2,13 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::etcd::{http_get, Etcd};
-use crate::procs::{bin_path, free_port, Proc};
+use crate::procs::{bin_path, free_port, spawn_logged, Proc};
 
 /// What to put in a cluster node's config.
 #[derive(Debug, Clone)]
@@ -92,22 +91,8 @@ impl ClusterNode {
         );
         std::fs::write(&config, text).context("write the node config")?;
         let log = dir.join(format!("{}.log", spec.name));
-        let mut cmd = etcd.place().command(bin_path("node"));
-        cmd.arg("--config")
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .context("open the node log")?,
-            ));
-        let proc = Proc::spawn(&spec.name, &mut cmd)?;
+        let cmd = etcd.place().command(bin_path("node"));
+        let proc = spawn_logged(&spec.name, cmd, &config, &log)?;
         Ok(ClusterNode {
             proc,
             resp,

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,7 +13,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::cluster::{ClusterNode, NodeSpec};
 use crate::etcd::{ferry, http_get, Coordinator, CoordinatorSpec, Etcd};
-use crate::procs::{bin_path, free_port, Proc};
+use crate::metrics::sum_samples;
+use crate::procs::{bin_path, free_port, spawn_logged, wait_health, Proc};
+use crate::receiver::{Receiver, ReceiverSpec};
 
 /// The duplication group of every test cluster.
 pub const GROUP: &str = "{ bj = 1, tj = 2 }";
@@ -25,7 +27,9 @@ pub struct Cluster {
     pub coordinator: Coordinator,
     pub node: ClusterNode,
     pub receiver: Option<Proc>,
+    /// Where the receiver listens, kept across its restarts (a relay may forward there).
     pub receiver_quic: SocketAddr,
+    /// The receiver's HTTP address, new at every start.
     pub receiver_http: SocketAddr,
     pub shipper: Option<Proc>,
     pub shipper_http: SocketAddr,
@@ -198,7 +202,8 @@ impl Cluster {
             node,
             receiver: None,
             receiver_quic: SocketAddr::new(etcd.place().ip, free_port()),
-            receiver_http: SocketAddr::new(etcd.place().ip, free_port()),
+            // Set by `start_receiver` below.
+            receiver_http: SocketAddr::new(etcd.place().ip, 0),
             shipper: None,
             shipper_http: SocketAddr::new(etcd.place().ip, free_port()),
             place: etcd.place().clone(),
@@ -222,88 +227,71 @@ impl Cluster {
         )
     }
 
-    fn log(&self, what: &str) -> Result<std::fs::File> {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{}-{what}.log", self.name)))
-            .context("open a log")
+    /// Where a process of this cluster (`receiver`, `shipper`) logs.
+    fn log_path(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{}-{what}.log", self.name))
     }
 
     /// What a process of this cluster logged (`receiver`, `shipper`).
     pub fn log_text(&self, what: &str) -> String {
-        std::fs::read_to_string(self.dir.join(format!("{}-{what}.log", self.name)))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.log_path(what)).unwrap_or_default()
     }
 
-    /// Starts (or restarts) the receiver and waits until it serves. Ports picked by
-    /// `free_port` can be taken by another process meanwhile: then new ones are tried.
+    /// Starts (or restarts) the receiver on `receiver_quic` and waits until it serves.
     pub fn start_receiver(&mut self) -> Result<()> {
-        self.retry_port_in_use(Cluster::try_start_receiver, |c| &mut c.receiver_http)
-    }
-
-    fn try_start_receiver(&mut self) -> Result<()> {
-        let config = self.dir.join(format!("{}-receiver.toml", self.name));
-        std::fs::write(
-            &config,
-            format!(
-                "{}[receiver]\nnode = \"{}\"\nlisten = \"{}\"\nadvertise = \"{}\"\nhttp_addr = \"{}\"\ndata_dir = \"{}\"\n\
-                 certs_dir = \"{}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\nbandwidth_mbps = 1000\n\
-                 rtt_ms = 5\nshutdown_grace = \"2s\"\n{}",
-                self.cluster_section(),
-                self.node.spec.name,
-                self.receiver_quic,
-                self.receiver_advertise.unwrap_or(self.receiver_quic),
-                self.receiver_http,
-                self.node.data_dir.display(),
-                self.certs.display(),
-                self.receiver_toml,
-            ),
-        )?;
-        let proc = self.spawn_serving("receiver", "receiver", &config, self.receiver_http)?;
-        self.receiver = Some(proc);
+        let mut extra = String::from("bandwidth_mbps = 1000\n");
+        if let Some(a) = self.receiver_advertise {
+            extra += &format!("advertise = \"{a}\"\n");
+        }
+        extra += &self.receiver_toml;
+        let r = Receiver::start(&ReceiverSpec {
+            cluster: self.name.clone(),
+            cluster_id: self.id,
+            group: GROUP.into(),
+            etcd_endpoint: self.etcd_endpoint.clone(),
+            node: self.node.spec.name.clone(),
+            data_dir: self.node.data_dir.clone(),
+            certs_dir: self.certs.clone(),
+            dir: self.dir.clone(),
+            place: self.place.clone(),
+            listen: Some(self.receiver_quic),
+            extra_toml: extra,
+        })?;
+        self.receiver = Some(r.proc);
+        self.receiver_http = r.http;
         Ok(())
     }
 
-    /// Starts `bin` with `--config config`, logging to `<cluster>-<log>.log`, and waits until
-    /// its HTTP port `http` answers.
-    fn spawn_serving(&self, bin: &str, log: &str, config: &Path, http: SocketAddr) -> Result<Proc> {
-        let mut cmd = self.place.command(bin_path(bin));
-        cmd.arg("--config")
-            .arg(config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(self.log(log)?));
-        let mut proc = Proc::spawn(&format!("{}-{log}", self.name), &mut cmd)?;
-        wait_serving(&mut proc, http, || self.log_text(log))?;
+    /// Starts a shipper with `--config config`, logging to `<cluster>-<log>.log`, and waits
+    /// until `/health` on `http` says `running`.
+    fn run_shipper(&self, log: &str, config: &Path, http: SocketAddr) -> Result<Proc> {
+        let cmd = self.place.command(bin_path("shipper"));
+        let name = format!("{}-{log}", self.name);
+        let mut proc = spawn_logged(&name, cmd, config, &self.log_path(log))?;
+        let log_text = || self.log_text(log);
+        wait_health(
+            &mut proc,
+            http,
+            "running",
+            Duration::from_secs(30),
+            log_text,
+        )?;
         Ok(proc)
     }
 
-    /// Starts (or restarts) the shipper and waits until its HTTP port answers (new ports if
-    /// the picked one was taken meanwhile).
+    /// Starts (or restarts) the shipper and waits until it runs. The port picked by
+    /// `free_port` can be taken by another process meanwhile: then another is tried, 4 times
+    /// in all.
     pub fn start_shipper(&mut self) -> Result<()> {
-        self.retry_port_in_use(Cluster::try_start_shipper, |c| &mut c.shipper_http)
-    }
-
-    /// Runs `start`; while it fails because the port `port` names was taken meanwhile (a
-    /// `free_port` race), picks another and tries again, up to 4 times in all.
-    fn retry_port_in_use(
-        &mut self,
-        start: fn(&mut Cluster) -> Result<()>,
-        port: fn(&mut Cluster) -> &mut SocketAddr,
-    ) -> Result<()> {
         for _ in 0..3 {
-            match start(self) {
+            match self.try_start_shipper() {
                 Err(e) if e.to_string().contains("already in use") => {
-                    *port(self) = SocketAddr::new(self.place.ip, free_port());
+                    self.shipper_http = SocketAddr::new(self.place.ip, free_port());
                 }
                 other => return other,
             }
         }
-        start(self)
+        self.try_start_shipper()
     }
 
     fn try_start_shipper(&mut self) -> Result<()> {
@@ -325,7 +313,7 @@ impl Cluster {
                 self.shipper_toml,
             ),
         )?;
-        let proc = self.spawn_serving("shipper", "shipper", &config, self.shipper_http)?;
+        let proc = self.run_shipper("shipper", &config, self.shipper_http)?;
         self.shipper = Some(proc);
         Ok(())
     }
@@ -431,27 +419,6 @@ impl Cluster {
     }
 }
 
-fn wait_serving(proc: &mut Proc, http: SocketAddr, log: impl Fn() -> String) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Some(status) = proc.child.try_wait()? {
-            bail!("{} exited with {status}: {}", proc.name, log());
-        }
-        if let Ok((200, body)) = http_get(http, "/health") {
-            // receivers say `serving`, shippers `running`.
-            if body.contains(r#""stage":"serving""#) || body.contains(r#""stage":"running""#) {
-                return Ok(());
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!(
-        "{} did not report `serving` within 30s: {}",
-        proc.name,
-        log()
-    )
-}
-
 /// Waits (bounded) until both nodes hold the same content: equal entry counts and equal
 /// order-independent content hashes. Returns the entry count.
 pub fn wait_converged(a: &Cluster, b: &Cluster, timeout: Duration) -> Result<u64> {
@@ -496,7 +463,7 @@ impl Cluster {
                 text = replace_line(&text, "endpoints = ", &format!("endpoints = [\"{url}\"]"))?;
             }
             std::fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
-            match self.spawn_serving("shipper", name, &config, http) {
+            match self.run_shipper(name, &config, http) {
                 Ok(proc) => return Ok((proc, http)),
                 Err(e) if e.to_string().contains("already in use") => last = Some(e),
                 Err(e) => return Err(e),
@@ -506,21 +473,18 @@ impl Cluster {
     }
 }
 
-/// `text` with its one line that starts with `prefix` replaced by `line`; an error if not
-/// exactly one line does.
-/// The sum of every sample of metric `name` (exact name, any labels) on `http`'s `/metrics`.
-pub fn metric(http: SocketAddr, name: &str) -> Result<f64> {
+/// The sum of the samples of `series` on `http`'s `/metrics`: a bare name sums every label
+/// set, a name with labels is that one series (see [`sum_samples`]).
+pub fn metric(http: SocketAddr, series: &str) -> Result<f64> {
     let (status, text) = http_get(http, "/metrics")?;
     if status != 200 {
         bail!("/metrics of {http} answered {status}: {text}");
     }
-    Ok(text
-        .lines()
-        .filter(|l| l.split(['{', ' ']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
+    Ok(sum_samples(&text, series))
 }
 
+/// `text` with its one line that starts with `prefix` replaced by `line`; an error if not
+/// exactly one line does.
 fn replace_line(text: &str, prefix: &str, line: &str) -> Result<String> {
     let hits = text.lines().filter(|l| l.starts_with(prefix)).count();
     if hits != 1 {

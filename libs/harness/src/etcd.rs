@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::procs::{bin_path, free_port, loopback, wait_for_port, Proc};
+use crate::procs::{bin_path, free_port, loopback, spawn_logged, wait_for_port, Proc};
 
 /// A running (or stopped) private etcd.
 pub struct Etcd {
@@ -253,18 +253,8 @@ impl Coordinator {
         );
         std::fs::write(&config, text).context("write the coordinator config")?;
         let log = dir.join(format!("{id}.log"));
-        let mut cmd = etcd.place().command(bin_path("coordinator"));
-        cmd.arg("--config")
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(&log).context("create coordinator log")?,
-            ));
-        let proc = Proc::spawn(id, &mut cmd)?;
+        let cmd = etcd.place().command(bin_path("coordinator"));
+        let proc = spawn_logged(id, cmd, &config, &log)?;
         Ok(Coordinator {
             proc,
             addr,

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::etcd::http_get;
+
 /// Path of a workspace binary built in the same profile as the running test.
 ///
 /// Tests live in `target/<profile>/deps/`; binaries in `target/<profile>/`.
@@ -65,6 +67,54 @@ pub fn wait_for_port(addr: SocketAddr, child: &mut Child, timeout: Duration) -> 
         std::thread::sleep(Duration::from_millis(20));
     }
     bail!("nothing listened on {addr} within {timeout:?}")
+}
+
+/// Spawns `cmd`, a ferry binary, with `--config config` and `RUST_LOG` (this process's, or
+/// `info`), its standard error (where it logs) appended to `log`.
+pub fn spawn_logged(name: &str, mut cmd: Command, config: &Path, log: &Path) -> Result<Proc> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open the log {}", log.display()))?;
+    cmd.arg("--config")
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    Proc::spawn(name, &mut cmd)
+}
+
+/// Waits until `/health` on `http` reports `stage`, or fails once the process exited or
+/// `timeout` passed, with what `log()` returns (the process's log) in the error.
+pub fn wait_health(
+    proc: &mut Proc,
+    http: SocketAddr,
+    stage: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let want = format!(r#""stage":"{stage}""#);
+    while Instant::now() < deadline {
+        if let Some(status) = proc.child.try_wait()? {
+            bail!("{} exited with {status}: {}", proc.name, log());
+        }
+        if let Ok((200, body)) = http_get(http, "/health") {
+            if body.contains(&want) {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!(
+        "{} did not report `{stage}` within {timeout:?}: {}",
+        proc.name,
+        log()
+    )
 }
 
 /// A child process that is killed (SIGKILL) and reaped when dropped.
