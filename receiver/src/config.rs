@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
+use ferry_proc::one_line;
 use serde::{Deserialize, Serialize};
 
 pub use ferry_net::Congestion;
@@ -175,7 +176,18 @@ pub enum ConfigError {
     },
     /// The file is not valid TOML for a receiver, or has an unknown key.
     #[error("config file {} is invalid: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        path: PathBuf,
+        /// toml's message on one line; it names the key and quotes the line.
+        message: String,
+    },
+    /// Config text given directly (not a file) is not valid TOML for a receiver, or has an
+    /// unknown key.
+    #[error("config is invalid: {message}")]
+    Toml {
+        /// toml's message on one line; it names the key and quotes the line.
+        message: String,
+    },
     /// A key has a value the receiver cannot run with.
     #[error("config key `{key}` {reason}")]
     Invalid { key: String, reason: String },
@@ -199,24 +211,16 @@ impl ReceiverConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        ReceiverConfig::from_toml(&text).map_err(|message| ConfigError::Parse {
+        toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Parse {
             path: path.to_path_buf(),
-            message,
+            message: one_line(&e, &text).to_string(),
         })
     }
 
-    /// Parses TOML text; does not validate. The error is toml's message on one line (it names
-    /// the key and the line).
-    pub fn from_toml(text: &str) -> Result<ReceiverConfig, String> {
-        toml::from_str(text).map_err(|e: toml::de::Error| {
-            let msg = e.message().trim_end().to_string();
-            match e.span() {
-                Some(span) => {
-                    let line = text.get(..span.start).unwrap_or(text).matches('\n').count() + 1;
-                    format!("{msg} at line {line}")
-                }
-                None => msg,
-            }
+    /// Parses TOML text; does not validate.
+    pub fn from_toml(text: &str) -> Result<ReceiverConfig, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Toml {
+            message: one_line(&e, text).to_string(),
         })
     }
 
@@ -532,15 +536,35 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
         let e = ReceiverConfig::from_toml(&SAMPLE.replace("rtt_ms", "rtt_msec"))
-            .expect_err("unknown key");
+            .expect_err("unknown key")
+            .to_string();
         assert!(e.contains("rtt_msec"), "{e}");
         let e = ReceiverConfig::from_toml(&SAMPLE.replace("\"3s\"", "\"3 parsecs\""))
-            .expect_err("bad duration");
-        assert!(e.contains("at line 14"), "{e}");
+            .expect_err("bad duration")
+            .to_string();
+        assert!(e.contains("at line 14: `lease_ttl = \"3 parsecs\"`"), "{e}");
         assert!(!e.contains('\n'), "one line: {e}");
         let e = ReceiverConfig::from_toml(&SAMPLE.replace("\"bbr\"", "\"vegas\""))
-            .expect_err("unknown congestion controller");
+            .expect_err("unknown congestion controller")
+            .to_string();
         assert!(e.contains("vegas"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_file_is_named_with_the_key_and_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("receiver.toml");
+        std::fs::write(&path, SAMPLE.replace("rtt_ms", "rtt_msec")).expect("write the config");
+        let e = ReceiverConfig::from_file(&path)
+            .expect_err("unknown key")
+            .to_string();
+        assert!(
+            e.starts_with(&format!("config file {} is invalid: ", path.display())),
+            "{e}"
+        );
+        assert!(e.contains("`rtt_msec = 20`") && !e.contains('\n'), "{e}");
+        let e = ReceiverConfig::from_toml("bogus = 1").expect_err("text, no file");
+        assert!(e.to_string().starts_with("config is invalid: "), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`session`]: one stream = one (dup, source partition) session: Hello, Welcome, batches,
 //!   acks.
 //! - [`fence`]: fencing tokens (persisted) and exclusive ownership of each source's inboxes.
+//! - [`error`]: [`ReceiverError`], why a shipper is refused.
 //! - [`http`], [`metrics`]: `/health` and `/metrics`.
 //!
 //! Known limitation: a target table must have all its partitions on the receiver's node
@@ -14,6 +15,7 @@
 //! `UNAVAILABLE`. Checkpoint transfer (`Chunk` streams) is not served yet.
 
 pub mod config;
+pub mod error;
 pub mod fence;
 pub mod http;
 pub mod metrics;
@@ -21,4 +23,5 @@ pub mod server;
 pub mod session;
 
 pub use config::{Congestion, ReceiverArgs, ReceiverConfig, ReceiverSection};
+pub use error::ReceiverError;
 pub use server::{run, serve, Stage};

@@ -35,6 +35,7 @@ use ferry_proto::wire::{self, ErrorCode, Frame};
 use ferry_proto::ClusterId;
 
 use crate::config::ReceiverConfig;
+use crate::error::ReceiverError;
 use crate::fence::Fences;
 use crate::http;
 use crate::metrics::Metrics;
@@ -325,8 +326,8 @@ async fn handle_connection(
     };
     let cluster_id = match authorize(&ctx.config.cluster, &cluster) {
         Ok(id) => id,
-        Err(message) => {
-            refuse_connection(&ctx, &conn, ErrorCode::UNAUTHORIZED.name(), message).await;
+        Err(e) => {
+            refuse_connection(&ctx, &conn, ErrorCode::UNAUTHORIZED.name(), e.to_string()).await;
             return;
         }
     };
@@ -354,14 +355,19 @@ async fn handle_connection(
 }
 
 /// The id of `cluster` if a shipper of it may ship to this cluster: it must be in the
-/// duplication group, and not this cluster itself. Else the sentence to refuse it with (the
-/// rule is [`ferry_dup::receive::authorize`]'s).
-pub fn authorize(ours: &ClusterConfig, cluster: &str) -> Result<ClusterId, String> {
+/// duplication group, and not this cluster itself. Else why not, in the sentence to refuse it
+/// with (the rule is [`ferry_dup::receive::authorize`]'s).
+pub fn authorize(ours: &ClusterConfig, cluster: &str) -> Result<ClusterId, ReceiverError> {
     let group = ours
         .duplication_group
         .iter()
         .map(|(name, id)| (name.as_str(), *id));
-    ferry_dup::receive::authorize(&ours.name, group, cluster).map_err(|r| r.message)
+    ferry_dup::receive::authorize(&ours.name, group, cluster).map_err(|r| {
+        ReceiverError::Unauthorized {
+            cluster: cluster.to_owned(),
+            message: r.message,
+        }
+    })
 }
 
 /// Refuses an authenticated-by-CA but unauthorized connection: answers the first stream it
@@ -435,9 +441,11 @@ mod tests {
     #[test]
     fn only_other_clusters_of_the_group_are_authorized() {
         assert_eq!(authorize(&tj(), "bj").map(ClusterId::get), Ok(1));
-        let e = authorize(&tj(), "tj").expect_err("itself");
+        let e = authorize(&tj(), "tj").expect_err("itself").to_string();
         assert!(e.contains("this receiver's own cluster"), "{e}");
-        let e = authorize(&tj(), "sh").expect_err("outside the group");
+        let e = authorize(&tj(), "sh")
+            .expect_err("outside the group")
+            .to_string();
         assert!(
             e.contains("cluster `sh` is not in the duplication group of cluster `tj` (bj, tj)"),
             "{e}"

@@ -209,7 +209,18 @@ pub enum ConfigError {
     },
     /// The config file is not valid TOML for a shipper, or has an unknown key.
     #[error("config file {} is invalid: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        path: PathBuf,
+        /// toml's message on one line; it names the key and quotes the line.
+        message: String,
+    },
+    /// Config text given directly (not a file) is not valid TOML for a shipper, or has an
+    /// unknown key.
+    #[error("config is invalid: {message}")]
+    Toml {
+        /// toml's message on one line; it names the key and quotes the line.
+        message: String,
+    },
     /// No `--config` was given.
     #[error("no config file given; pass --config FILE (or set FERRY_SHIPPER_CONFIG), with at least [cluster] and [shipper] node")]
     NoFile,
@@ -236,15 +247,17 @@ impl ShipperConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        ShipperConfig::parse(&text).map_err(|message| ConfigError::Parse {
+        toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Parse {
             path: path.to_path_buf(),
-            message,
+            message: one_line(&e, &text).to_string(),
         })
     }
 
-    /// Parses TOML text; does not validate. The error is the parser's message on one line.
-    pub fn parse(text: &str) -> Result<ShipperConfig, String> {
-        toml::from_str(text).map_err(|e: toml::de::Error| one_line(&e, text).to_string())
+    /// Parses TOML text; does not validate.
+    pub fn parse(text: &str) -> Result<ShipperConfig, ConfigError> {
+        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Toml {
+            message: one_line(&e, text).to_string(),
+        })
     }
 
     /// Overrides keys with the flags that were given.
@@ -579,11 +592,29 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_types_are_refused_with_the_line() {
         let err = ShipperConfig::parse(&format!("{SAMPLE}\nbogus = 1\n"))
-            .expect_err("unknown key at the end of [shipper]");
+            .expect_err("unknown key at the end of [shipper]")
+            .to_string();
         assert!(err.contains("bogus"), "{err}");
-        let err =
-            ShipperConfig::parse(&SAMPLE.replace("\"2s\"", "\"soon\"")).expect_err("bad duration");
+        let err = ShipperConfig::parse(&SAMPLE.replace("\"2s\"", "\"soon\""))
+            .expect_err("bad duration")
+            .to_string();
         assert!(err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_file_is_named_with_the_key_and_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("shipper.toml");
+        std::fs::write(&path, format!("{SAMPLE}\nbogus = 1\n")).expect("write the config");
+        let err = ShipperConfig::from_file(&path).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("config file {} is invalid: ", path.display())),
+            "{msg}"
+        );
+        assert!(msg.contains("`bogus = 1`") && !msg.contains('\n'), "{msg}");
+        let err = ShipperConfig::parse("bogus = 1").expect_err("text, no file");
+        assert!(err.to_string().starts_with("config is invalid: "), "{err}");
     }
 
     #[test]

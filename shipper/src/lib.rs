@@ -11,10 +11,12 @@
 //! - [`session`]: one QUIC session with a receiver.
 //! - [`tail`]: waking on the node's committed marker (inotify) and reading batches.
 //! - [`quic`]: the endpoint and the shared connections (tuning and frame I/O are `ferry_net`'s).
+//! - [`error`]: why a session could not find, reach or feed its receiver ([`ShipperError`]).
 //! - [`status`], [`metrics`], [`http`]: what `/replica/duplication` and `/metrics` show.
 
 pub mod config;
 pub mod election;
+pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod quic;
@@ -24,3 +26,5 @@ pub mod session;
 pub mod status;
 pub mod tail;
 pub mod task;
+
+pub use error::ShipperError;

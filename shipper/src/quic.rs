@@ -14,6 +14,7 @@ use quinn::VarInt;
 use tokio::sync::Mutex;
 
 use crate::config::ShipperConfig;
+use crate::error::ShipperError;
 
 /// The name the receivers' certificates carry (`certs init` puts `localhost` in every
 /// receiver certificate; add the real name with `--dns` and it can be configured here later).
@@ -71,7 +72,7 @@ impl Quic {
 
     /// The live connection to `addr`, opening one if there is none or the last one failed.
     /// Concurrent callers for one address wait for the same attempt.
-    pub async fn connection(&self, addr: &str) -> Result<quinn::Connection, String> {
+    pub async fn connection(&self, addr: &str) -> Result<quinn::Connection, ShipperError> {
         let slot = self
             .conns
             .lock()
@@ -87,18 +88,28 @@ impl Quic {
         }
         *slot = None;
         let sa = resolve(addr).await?;
-        let connecting = self
-            .endpoint
-            .connect(sa, SERVER_NAME)
-            .map_err(|e| format!("cannot connect to receiver {addr}: {e}"))?;
+        let connecting = match self.endpoint.connect(sa, SERVER_NAME) {
+            Ok(c) => c,
+            Err(source) => {
+                return Err(ShipperError::Connect {
+                    addr: addr.to_owned(),
+                    source,
+                })
+            }
+        };
         let conn = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(format!("QUIC handshake with receiver {addr} failed: {e}")),
+            Ok(Err(source)) => {
+                return Err(ShipperError::Handshake {
+                    addr: addr.to_owned(),
+                    source,
+                })
+            }
             Err(_) => {
-                return Err(format!(
-                    "receiver {addr} did not answer the QUIC handshake within {}s",
-                    self.connect_timeout.as_secs()
-                ))
+                return Err(ShipperError::HandshakeTimeout {
+                    addr: addr.to_owned(),
+                    timeout: self.connect_timeout,
+                })
             }
         };
         *slot = Some(conn.clone());
@@ -113,11 +124,19 @@ impl Quic {
     }
 }
 
-async fn resolve(addr: &str) -> Result<SocketAddr, String> {
-    let mut addrs = tokio::net::lookup_host(addr)
-        .await
-        .map_err(|e| format!("cannot resolve receiver address {addr}: {e}"))?;
-    addrs.find(SocketAddr::is_ipv4).ok_or_else(|| {
-        format!("receiver address {addr} has no IPv4 address; the shipper binds an IPv4 socket")
-    })
+async fn resolve(addr: &str) -> Result<SocketAddr, ShipperError> {
+    let mut addrs = match tokio::net::lookup_host(addr).await {
+        Ok(a) => a,
+        Err(source) => {
+            return Err(ShipperError::Resolve {
+                addr: addr.to_owned(),
+                source,
+            })
+        }
+    };
+    addrs
+        .find(SocketAddr::is_ipv4)
+        .ok_or_else(|| ShipperError::NoIpv4 {
+            addr: addr.to_owned(),
+        })
 }

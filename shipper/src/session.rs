@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 pub use ferry_dup::ship::{strip_ops, Carry, Confirmed, Failure, SMALL_BATCH_GAP};
 
+use crate::error::ShipperError;
 use crate::metrics::Labels;
 use crate::resume::{self, Start};
 use crate::server::Shared;
@@ -55,36 +56,33 @@ pub async fn run(ctx: &SessionCtx, carry: &mut Carry) -> Failure {
 
 /// The receiver that owns every partition of the target table. One receiver per target table
 /// for now: a table spread over several receivers is refused with a clear message.
-pub fn single_receiver(t: &TableReceivers) -> Result<String, String> {
+pub fn single_receiver(t: &TableReceivers) -> Result<String, ShipperError> {
     let mut addr: Option<&str> = None;
-    if t.partitions.is_empty() {
-        return Err(format!(
-            "target table `{}` has no partitions placed yet; retrying",
-            t.table
-        ));
-    }
     for p in &t.partitions {
         let Some(a) = p.receiver_addr.as_deref() else {
-            return Err(format!(
-                "target partition {} of table `{}` has no receiver{}; start the receiver beside that node",
-                p.partition,
-                t.table,
-                p.node.as_deref().map(|n| format!(" (node {n})")).unwrap_or_default()
-            ));
+            return Err(ShipperError::NoReceiver {
+                table: t.table.clone(),
+                partition: p.partition,
+                node: p.node.clone(),
+            });
         };
         match addr {
             None => addr = Some(a),
             Some(prev) if prev == a => {}
             Some(prev) => {
-                return Err(format!(
-                    "target table `{}` is spread over receivers {prev} and {a}; this shipper supports one receiver per target table for now",
-                    t.table
-                ))
+                return Err(ShipperError::SpreadReceivers {
+                    table: t.table.clone(),
+                    first: prev.to_owned(),
+                    second: a.to_owned(),
+                })
             }
         }
     }
+    // Every partition has a receiver, so `addr` is set unless there are no partitions.
     addr.map(str::to_owned)
-        .ok_or_else(|| format!("target table `{}` has no receiver", t.table))
+        .ok_or_else(|| ShipperError::NoPartitions {
+            table: t.table.clone(),
+        })
 }
 
 async fn ship(ctx: &SessionCtx, carry: &mut Carry) -> Failure {
@@ -115,13 +113,13 @@ async fn ship(ctx: &SessionCtx, carry: &mut Carry) -> Failure {
     };
     let addr = match single_receiver(&receivers) {
         Ok(a) => a,
-        Err(e) => return Failure::Transport(e),
+        Err(e) => return Failure::Transport(e.to_string()),
     };
     shared.board.with(key, |e| e.receiver = Some(addr.clone()));
 
     let conn = match shared.quic.connection(&addr).await {
         Ok(c) => c,
-        Err(e) => return Failure::Transport(e),
+        Err(e) => return Failure::Transport(e.to_string()),
     };
     let (mut send, recv) = match tokio::time::timeout(s.ack_timeout, conn.open_bi()).await {
         Ok(Ok(p)) => p,
@@ -207,7 +205,7 @@ async fn drive(
             match event {
                 ShipEvent::Send(frame) => {
                     if let Err(e) = timed_send(send, &frame, s.ack_timeout).await {
-                        session.handle_send_failed(&e, Instant::now());
+                        session.handle_send_failed(&e.to_string(), Instant::now());
                     }
                 }
                 ShipEvent::ReadPlog {
@@ -390,12 +388,10 @@ async fn timed_send(
     send: &mut quinn::SendStream,
     frame: &Frame,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), ShipperError> {
     match tokio::time::timeout(timeout, ferry_net::send_frame(send, frame, "receiver")).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "the receiver did not take more data within {timeout:?} (flow control stalled)"
-        )),
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ShipperError::SendStalled { timeout }),
     }
 }
 
@@ -430,13 +426,21 @@ mod tests {
     #[test]
     fn one_receiver_per_target_table() {
         assert_eq!(
-            single_receiver(&table(&[Some("r:1"), Some("r:1")])),
-            Ok("r:1".to_string())
+            single_receiver(&table(&[Some("r:1"), Some("r:1")])).expect("one receiver"),
+            "r:1"
         );
-        let e = single_receiver(&table(&[Some("r:1"), Some("r:2")])).expect_err("spread");
+        let e = single_receiver(&table(&[Some("r:1"), Some("r:2")]))
+            .expect_err("spread")
+            .to_string();
         assert!(e.contains("r:1") && e.contains("r:2"), "{e}");
-        let e = single_receiver(&table(&[Some("r:1"), None])).expect_err("missing");
-        assert!(e.contains("partition 1") && e.contains("n1"), "{e}");
-        assert!(single_receiver(&table(&[])).is_err());
+        let e = single_receiver(&table(&[Some("r:1"), None]))
+            .expect_err("missing")
+            .to_string();
+        assert!(e.contains("partition 1") && e.contains("(node n1)"), "{e}");
+        let e = single_receiver(&table(&[])).expect_err("no partitions");
+        assert!(
+            matches!(&e, ShipperError::NoPartitions { table } if table == "users"),
+            "{e}"
+        );
     }
 }

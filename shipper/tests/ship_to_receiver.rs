@@ -170,8 +170,7 @@ impl World {
             self.coordinator_addr,
             self.dir.path().join("bj-data").display(),
             self.dir.path().join("certs").display(),
-        ))
-        .map_err(anyhow::Error::msg)?;
+        ))?;
         config.validate()?;
         let cancel = CancellationToken::new();
         let handle = tokio::spawn(ferry_shipper::server::run(config, cancel.clone()));
@@ -618,8 +617,7 @@ async fn a_cluster_config_mismatch_refuses_to_start() -> Result<()> {
         w.etcd.endpoint(),
         w.dir.path().join("certs").display(),
         loopback(free_port()),
-    ))
-    .map_err(anyhow::Error::msg)?;
+    ))?;
     config.validate()?;
     let err = tokio::time::timeout(
         WAIT,
