@@ -1,5 +1,6 @@
 //! The receiver's errors that belong to no one module. Config errors are
-//! [`crate::config::ConfigError`], fence-file errors [`crate::fence::FenceError`].
+//! [`crate::config::ConfigError`], fence-file errors [`crate::fence::FenceError`], inbox errors
+//! [`crate::session::InboxError`].
 
 /// Why the receiver refuses a shipper or a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
