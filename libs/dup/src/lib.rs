@@ -9,6 +9,8 @@
 //! - [`retry`]: what to do after a failure, by fail mode.
 //! - [`lag`]: commit times in flight, lag, pending mutations, plog retention.
 //! - [`route`]: splitting a batch by target partition.
+//! - [`transfer`]: [`transfer::SendCheckpoint`], pushing a partition checkpoint's files over
+//!   parallel streams (skip what the target holds, resume partial files, rate limit, progress).
 //! - [`sim`]: a deterministic, seeded simulation of shippers and a receiver over faulty links,
 //!   checking the shipping invariants after every step.
 
@@ -18,4 +20,5 @@ pub mod retry;
 pub mod route;
 pub mod ship;
 pub mod sim;
+pub mod transfer;
 pub mod window;

@@ -7,6 +7,7 @@
 //! <data_dir>/<table>/<p>/plog/committed              the committed marker the shipper tails
 //! <data_dir>/<table>/<p>/inbox/<cid>-<sp>/           one source partition's inbox log (+ committed)
 //! <data_dir>/<table>/.fences/<cid>-<dupid>-<sp>      the receiver's fencing tokens
+//! <data_dir>/<table>/.staging/<cid>-<sp>/            an incoming checkpoint (see `staging`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ pub const PLOG_DIR: &str = "plog";
 pub const INBOX_DIR: &str = "inbox";
 /// The directory of the fencing-token files inside a table directory.
 pub const FENCES_DIR: &str = ".fences";
+/// The directory of incoming checkpoints inside a table directory.
+pub const STAGING_DIR: &str = ".staging";
 
 /// A node's data dir.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +61,15 @@ impl Layout {
     /// `<data_dir>/<table>/.fences`.
     pub fn fences(&self, table: &str) -> PathBuf {
         self.table(table).join(FENCES_DIR)
+    }
+
+    /// `<data_dir>/<table>/.staging/<cid>-<sp>`: where `source`'s checkpoint arrives.
+    pub fn staging(&self, table: &str, source: Source) -> PathBuf {
+        self.table(table).join(STAGING_DIR).join(format!(
+            "{}-{}",
+            source.cluster.get(),
+            source.partition.0
+        ))
     }
 }
 

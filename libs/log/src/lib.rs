@@ -5,6 +5,7 @@
 //! - [`plog`]: segment files of CRC-checked records, recovery (torn tails), the writer, the
 //!   reader that any process can run, the committed marker, GC.
 //! - [`inbox`]: the receiver's end of one source partition's inbox log.
+//! - [`staging`]: the receiver's staging directory of an incoming checkpoint (full duplication).
 //! - [`clock`]: wall-clock readings for commit times.
 
 pub mod clock;
@@ -12,6 +13,7 @@ pub mod error;
 pub mod inbox;
 pub mod layout;
 pub mod plog;
+pub mod staging;
 
 pub use error::LogError;
 pub use layout::Layout;
