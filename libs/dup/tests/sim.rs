@@ -27,8 +27,8 @@ fn run(default_count: u64) -> Vec<Report> {
     let sum = |f: fn(&Report) -> u64| reports.iter().map(f).sum::<u64>();
     eprintln!(
         "{} seeds in {:.2?}: {} records, {} faults, {} sessions, {} stale refusals, {} fenced \
-         progress writes, {} batches, {} heartbeats, {} appends, {} ops \
-         skipped",
+         progress writes, {} batches, {} heartbeats, {} appends, {} ops skipped, {} uneven \
+         restarts, {} uneven welcomes",
         reports.len(),
         started.elapsed(),
         sum(|r| r.records),
@@ -40,6 +40,8 @@ fn run(default_count: u64) -> Vec<Report> {
         sum(|r| r.heartbeats),
         sum(|r| r.appends),
         sum(|r| r.skipped_ops),
+        sum(|r| r.uneven_restarts),
+        sum(|r| r.uneven_welcomes),
     );
     assert_eq!(reports.len(), seeds.len(), "every seed ran");
     reports
@@ -62,6 +64,14 @@ fn sim_default_seeds() {
         );
         assert!(total(|r| r.skipped_ops) > 0, "FAIL_SKIP skipped something");
         assert!(total(|r| r.heartbeats) > 0, "idle sessions sent heartbeats");
+        assert!(
+            total(|r| r.uneven_restarts) > 0,
+            "receiver restarts found target partitions at different decrees"
+        );
+        assert!(
+            total(|r| r.uneven_welcomes) > 0,
+            "sessions opened over target partitions at different decrees"
+        );
         assert!(
             total(|r| r.appends) < total(|r| r.batches),
             "queued batches were merged into fewer appends"

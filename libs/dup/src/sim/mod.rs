@@ -9,8 +9,11 @@
 //!   larger of the stored progress and the `Welcome`, retry by fail mode ([`crate::retry`]),
 //!   write progress every `progress_interval`, fenced by the election;
 //! - a **receiver** with the fencing rule ([`crate::receive::admit`]), one `ReceiveSession` per
-//!   stream, and an in-memory inbox where an append becomes durable only when its simulated
-//!   fsync completes;
+//!   stream, and one in-memory inbox per **target partition** (1–4 per seed): an append is split
+//!   with [`crate::route::split`], each part becomes durable only when its own simulated fsync
+//!   completes (each inbox skipping what it holds and refusing a gap, as `InboxWriter::append`),
+//!   and the session is told the minimum over the target partitions once all are done, which is
+//!   also what a `Welcome` confirms;
 //! - **connections** between them, one per session, in-order per direction (a QUIC stream).
 //!
 //! Faults, at random times while the source commits (then the links heal and it runs to
@@ -18,16 +21,22 @@
 //! is lost), a shipper abandons a connection whose frames still reach the receiver late (after
 //! the next session's), the link is partitioned for a while, a shipper or the receiver crashes
 //! (losing what was not durable) and restarts, a second shipper takes over with a newer token
-//! while the old one still ships, the receiver's disk fails fsyncs for a while.
+//! while the old one still ships, the receiver's disk fails fsyncs for a while. A receiver crash
+//! or a failed fsync in the middle of an append leaves the target partitions at different last
+//! decrees: each part still in fsync at a crash is lost or lands, independently, and the parts
+//! whose fsync completed before a disk fault keep their records while the append fails.
 //!
 //! Invariants, each failure naming its letter:
-//! - (a) the persisted confirmed decree never exceeds what the target holds durably;
-//! - (b) every decree a shipper saw confirmed is durable; at quiescence the target holds every
-//!   committed source record, equal to the source (FAIL_SKIP may strip the ops of skipped ones);
+//! - (a) the persisted confirmed decree never exceeds what the target holds durably (in every
+//!   target partition: the minimum);
+//! - (b) every decree a shipper saw confirmed is durable in every target partition; at quiescence
+//!   every target partition holds every committed source decree, with exactly the source's ops
+//!   whose key maps to it (FAIL_SKIP may strip the ops of skipped ones);
 //! - (c) a fenced (stale) shipper never advances the persisted progress, and a preempted
 //!   receive session never starts an append;
-//! - (d) the inbox is appended at most once per decree: contiguous, no duplicates;
-//! - (e) progress never goes backwards (persisted, per term, inbox);
+//! - (d) an append starts right after what every target partition holds, and each target
+//!   partition's inbox is appended at most once per decree: contiguous, no duplicates;
+//! - (e) progress never goes backwards (persisted, per term, each target partition's inbox);
 //! - (f) only a lost election fences: a shipper that still leads is never told it is stale.
 //!
 //! Any seed replays alone: `FERRY_SIM_SEED=N cargo test -p ferry-dup --release --test sim`.
@@ -70,13 +79,19 @@ pub struct Report {
     pub stale_refusals: u64,
     /// Progress writes refused by the election fence.
     pub fenced_writes: u64,
-    /// Appends (fsyncs) in the inbox.
+    /// Appends that became durable in every target partition (one fsync each).
     pub appends: u64,
     /// Records whose ops FAIL_SKIP stripped.
     pub skipped_ops: u64,
     /// Batches and heartbeats the shippers sent.
     pub batches: u64,
     pub heartbeats: u64,
+    /// Receiver restarts that found the target partitions at different last decrees (a crash
+    /// in the middle of an append).
+    pub uneven_restarts: u64,
+    /// Receive sessions opened (a Welcome sent) while the target partitions were at different
+    /// last decrees, after a crash or a disk fault in the middle of an append.
+    pub uneven_welcomes: u64,
 }
 
 /// A violated invariant: the seed, which invariant, and the events that led there.

@@ -5,13 +5,14 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use ferry_proto::wire::{ErrorCode, Frame};
-use ferry_proto::{ClusterId, Decree, DupId, Op, PartitionId, PlogRecord, Timetag};
+use ferry_proto::{partition_of, ClusterId, Decree, DupId, Op, PartitionId, PlogRecord, Timetag};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::{Report, SimConfig, SimFailure};
 use crate::receive::{self, Admission, HelloContext, ReceiveEvent, ReceiveSession, TableView};
 use crate::retry::{Action, FailMode, Retry};
+use crate::route;
 use crate::ship::{Carry, Confirmed, Failure, SessionId, ShipConfig, ShipEvent, ShipSession};
 
 /// Virtual time, in µs since the run's base instant.
@@ -48,6 +49,8 @@ struct Params {
     fault_gap: T,
     /// How long faults go on after the source stopped committing.
     fault_tail: T,
+    /// The target table's partitions: one inbox each, each with its own fsync.
+    target_partitions: u32,
 }
 
 impl Params {
@@ -85,6 +88,8 @@ impl Params {
             restart: (5 * MS, rng.random_range(10..300) * MS),
             fault_gap,
             fault_tail: rng.random_range(0..300) * MS,
+            // Drawn last, so that the other parameters of a seed stay what they were.
+            target_partitions: rng.random_range(1..=4),
         }
     }
 }
@@ -179,10 +184,47 @@ struct RSess {
     state: RState,
 }
 
-struct Fsync {
-    conn: u64,
+/// One target partition's inbox of the source partition: its durable records.
+#[derive(Default)]
+struct Inbox {
     records: Vec<PlogRecord>,
-    done_at: T,
+}
+
+impl Inbox {
+    fn last(&self) -> Decree {
+        self.records.last().map_or(Decree::ZERO, |r| r.decree)
+    }
+
+    /// The real inbox writer's rule (`ferry_log::inbox::InboxWriter::append`): records at or
+    /// below the last decree are skipped (a resend is harmless), the rest must follow it without
+    /// a gap (an empty inbox starts anywhere). Else the first record out of place and the decree
+    /// expected instead; nothing is appended then.
+    fn append(&mut self, records: Vec<PlogRecord>) -> Result<(), (Decree, Decree)> {
+        let last = self.last();
+        let fresh: Vec<PlogRecord> = records.into_iter().filter(|r| r.decree > last).collect();
+        let mut expect = match fresh.first() {
+            Some(first) if self.records.is_empty() => first.decree,
+            _ => last.next(),
+        };
+        for r in &fresh {
+            if r.decree != expect {
+                return Err((r.decree, expect));
+            }
+            expect = expect.next();
+        }
+        self.records.extend(fresh);
+        Ok(())
+    }
+}
+
+/// An append in progress: the session's records split by target partition, each part with its
+/// own fsync (the real receiver appends to every partition's inbox in parallel).
+struct Append {
+    conn: u64,
+    /// Per target partition, its part and when its fsync completes; `None` once done.
+    parts: Vec<Option<(Vec<PlogRecord>, T)>>,
+    /// A part's fsync failed: the append fails once every part is done.
+    failed: bool,
 }
 
 struct Receiver {
@@ -191,17 +233,35 @@ struct Receiver {
     restart_at: Option<T>,
     /// The stored fencing token (durable).
     fence: u64,
-    /// Durable inbox records, contiguous.
-    inbox: Vec<PlogRecord>,
-    fsync: Option<Fsync>,
+    /// One inbox per target partition.
+    inboxes: Vec<Inbox>,
+    append: Option<Append>,
     sessions: BTreeMap<u64, RSess>,
     live: Option<u64>,
     disk_bad_until: T,
 }
 
 impl Receiver {
+    /// What every target partition holds durably: the smallest last decree of the inboxes,
+    /// which the Welcome reports and acks confirm (the real receiver's `confirmed`).
     fn durable(&self) -> Decree {
-        self.inbox.last().map_or(Decree::ZERO, |r| r.decree)
+        self.inboxes
+            .iter()
+            .map(Inbox::last)
+            .min()
+            .unwrap_or(Decree::ZERO)
+    }
+
+    /// Each target partition's last durable decree, for the schedule.
+    fn lasts(&self) -> String {
+        let lasts: Vec<String> = self.inboxes.iter().map(|i| i.last().to_string()).collect();
+        lasts.join(", ")
+    }
+
+    /// Whether the target partitions hold different last decrees (a crash or a disk fault in
+    /// the middle of an append).
+    fn uneven(&self) -> bool {
+        self.inboxes.iter().any(|i| i.last() != self.durable())
     }
 }
 
@@ -251,6 +311,8 @@ pub(super) struct World {
     skipped_max: Decree,
     last_progress: Decree,
     last_durable: Decree,
+    /// Check (e) per target partition: each inbox's last decree.
+    last_inboxes: Vec<Decree>,
 }
 
 /// Fails with a named invariant.
@@ -282,7 +344,8 @@ impl World {
         let mut log = Vec::new();
         log.push(format!(
             "seed {seed}: {} records, burst {}, {} shipper(s), {:?}, window {}, batch {} B, \
-             heartbeat {:?}, ack timeout {:?}, delay {:?} µs, fsync {:?} µs, fault gap {} ms",
+             heartbeat {:?}, ack timeout {:?}, delay {:?} µs, fsync {:?} µs, fault gap {} ms, \
+             {} target partition(s)",
             p.records,
             p.burst,
             n_shippers,
@@ -293,7 +356,8 @@ impl World {
             p.ship.ack_timeout,
             p.delay,
             p.fsync,
-            p.fault_gap / MS
+            p.fault_gap / MS,
+            p.target_partitions
         ));
         World {
             seed,
@@ -312,8 +376,8 @@ impl World {
                 incarnation: 0,
                 restart_at: None,
                 fence: 0,
-                inbox: Vec::new(),
-                fsync: None,
+                inboxes: (0..p.target_partitions).map(|_| Inbox::default()).collect(),
+                append: None,
                 sessions: BTreeMap::new(),
                 live: None,
                 disk_bad_until: 0,
@@ -332,6 +396,7 @@ impl World {
             skipped_max: Decree::ZERO,
             last_progress: Decree::ZERO,
             last_durable: Decree::ZERO,
+            last_inboxes: vec![Decree::ZERO; p.target_partitions as usize],
             p,
         }
     }
@@ -441,7 +506,9 @@ impl World {
             ts.push(self.receiver.disk_bad_until);
         }
         ts.extend(self.receiver.restart_at);
-        ts.extend(self.receiver.fsync.as_ref().map(|f| f.done_at));
+        if let Some(a) = &self.receiver.append {
+            ts.extend(a.parts.iter().flatten().map(|(_, t)| *t));
+        }
         ts.extend(self.etcd.expiry.map(|(t, _)| t));
         if self.source.committed().0 < self.p.records {
             ts.push(self.source.next_commit_at);
@@ -506,9 +573,13 @@ impl World {
         if self.receiver.restart_at.is_some_and(|t| t <= now) {
             self.receiver.restart_at = None;
             self.receiver.alive = true;
+            if self.receiver.uneven() {
+                self.report.uneven_restarts += 1;
+            }
             self.event(format!(
-                "receiver restarts: inbox durable ..={}, fence {}",
+                "receiver restarts: inbox durable ..={} (per target partition [{}]), fence {}",
                 self.receiver.durable(),
+                self.receiver.lasts(),
                 self.receiver.fence
             ));
         }
@@ -549,22 +620,29 @@ impl World {
             if d > self.p.records {
                 break;
             }
-            let key = format!("k{}", self.rng.random_range(0..40)).into_bytes();
-            let op = if self.rng.random_bool(0.15) {
-                Op::Delete { key }
-            } else {
-                let len = self.rng.random_range(0..80);
-                Op::Put {
-                    key,
-                    value: vec![(d % 251) as u8; len],
-                    expire_at_ms: 0,
-                }
-            };
+            // Several ops, so that a record splits across target partitions; they share the
+            // value bytes of one op, so that records stay as large as with one.
+            let n_ops = self.rng.random_range(1..=3);
+            let ops = (0..n_ops)
+                .map(|_| {
+                    let key = format!("k{}", self.rng.random_range(0..40)).into_bytes();
+                    if self.rng.random_bool(0.15) {
+                        Op::Delete { key }
+                    } else {
+                        let len = self.rng.random_range(0..80 / n_ops);
+                        Op::Put {
+                            key,
+                            value: vec![(d % 251) as u8; len],
+                            expire_at_ms: 0,
+                        }
+                    }
+                })
+                .collect();
             self.source.plog.push(PlogRecord {
                 decree: Decree(d),
                 // Timestamps strictly increase within a burst, like the hybrid clock.
                 timetag: Timetag::new(self.wall_us(now) + k, cluster, false),
-                ops: vec![op],
+                ops,
             });
         }
         let gap = self.p.commit_gap;
@@ -741,7 +819,7 @@ impl World {
                 let i = self.rng.random_range(0..self.shippers.len());
                 self.crash_shipper(i)?;
             }
-            65..=79 => self.crash_receiver(),
+            65..=79 => self.crash_receiver()?,
             80..=92 => self.takeover(),
             _ => {
                 let dur = self.rng.random_range(50..4_000) * MS;
@@ -829,33 +907,44 @@ impl World {
         Ok(())
     }
 
-    fn crash_receiver(&mut self) {
+    fn crash_receiver(&mut self) -> Result<(), SimFailure> {
         if !self.receiver.alive {
-            return;
+            return Ok(());
         }
         let restart = self.rand(self.p.restart);
-        let lost = self
-            .receiver
-            .fsync
-            .as_ref()
-            .map(|f| {
-                format!(
-                    ", losing the append of {} records in fsync",
-                    f.records.len()
-                )
-            })
-            .unwrap_or_default();
+        // Each target partition's fsync still running is lost, or its data had reached the
+        // disk anyway (never acknowledged, so either is allowed), independently.
+        let mut fates = Vec::new();
+        if let Some(a) = self.receiver.append.take() {
+            let healthy = self.receiver.disk_bad_until <= self.now;
+            for (tp, part) in a.parts.into_iter().enumerate() {
+                let Some((records, _)) = part else {
+                    continue;
+                };
+                if healthy && self.rng.random_bool(0.5) {
+                    fates.push(format!("partition {tp}'s lands"));
+                    self.land(tp, a.conn, records)?;
+                } else {
+                    fates.push(format!("partition {tp}'s is lost"));
+                }
+            }
+        }
+        let fates = if fates.is_empty() {
+            String::new()
+        } else {
+            format!("; of the fsyncs in flight, {}", fates.join(", "))
+        };
         let r = &mut self.receiver;
         r.alive = false;
         r.incarnation += 1;
         r.restart_at = Some(self.now + restart);
-        r.fsync = None;
         r.sessions.clear();
         r.live = None;
         self.event(format!(
-            "CRASH receiver (restarts in {} ms){lost}; durable ..={}",
+            "CRASH receiver (restarts in {} ms){fates}; durable ..={} ([{}])",
             restart / MS,
-            self.receiver.durable()
+            self.receiver.durable(),
+            self.receiver.lasts()
         ));
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
@@ -870,6 +959,7 @@ impl World {
                 }
             }
         }
+        Ok(())
     }
 
     /// The other shipper wins the election (the leader's lease was lost without it knowing):
@@ -1393,8 +1483,8 @@ impl World {
             );
         };
         let table = TableView {
-            partition_count: 1,
-            placement: vec![Some("n1".into())],
+            partition_count: self.p.target_partitions,
+            placement: vec![Some("n1".into()); self.p.target_partitions as usize],
         };
         let ctx = HelloContext {
             peer_cluster: "bj",
@@ -1477,7 +1567,7 @@ impl World {
 
     /// Opens the session waiting for the inbox slot, once no other session holds it.
     fn open_waiting(&mut self) -> Result<(), SimFailure> {
-        let busy = self.receiver.fsync.is_some()
+        let busy = self.receiver.append.is_some()
             || self
                 .receiver
                 .sessions
@@ -1496,6 +1586,9 @@ impl World {
             return Ok(());
         };
         let durable = self.receiver.durable();
+        if self.receiver.uneven() {
+            self.report.uneven_welcomes += 1;
+        }
         if let Some(s) = self.receiver.sessions.get_mut(&id) {
             s.state = RState::Open(Box::new(ReceiveSession::new(s.token, durable)));
         }
@@ -1526,7 +1619,7 @@ impl World {
                 self.receiver.live = None;
             }
             // Keep the entry while its append runs; drop it otherwise.
-            if self.receiver.fsync.as_ref().is_none_or(|f| f.conn != id) {
+            if self.receiver.append.as_ref().is_none_or(|a| a.conn != id) {
                 self.receiver.sessions.remove(&id);
             }
             return self.open_waiting();
@@ -1560,20 +1653,43 @@ impl World {
                             self.receiver.live
                         );
                     }
-                    if let Some(f) = &self.receiver.fsync {
+                    if let Some(a) = &self.receiver.append {
                         violated!(
                             self,
                             "(d) one append at a time",
                             "conn {id} starts an append while conn {} has one in fsync",
-                            f.conn
+                            a.conn
                         );
                     }
-                    let d = self.rand(self.p.fsync);
+                    // What the session hands over follows what every target partition holds
+                    // (the session's resend filter); each inbox then skips what it has itself.
+                    let durable = self.receiver.durable();
+                    let mut expect = if durable == Decree::ZERO {
+                        first
+                    } else {
+                        durable.next()
+                    };
+                    for r in &records {
+                        if r.decree != expect {
+                            violated!(
+                                self,
+                                "(d) appended at most once, contiguous",
+                                "conn {id}'s append {first}..={last} has decree {} where every \
+                                 target partition holds ..={durable}, so {expect} comes next",
+                                r.decree
+                            );
+                        }
+                        expect = expect.next();
+                    }
+                    let parts = route::split(records, self.p.target_partitions)
+                        .into_iter()
+                        .map(|part| Some((part, self.now + self.rand(self.p.fsync))))
+                        .collect();
                     self.event(format!("receiver conn {id}: append {first}..={last}"));
-                    self.receiver.fsync = Some(Fsync {
+                    self.receiver.append = Some(Append {
                         conn: id,
-                        records,
-                        done_at: self.now + d,
+                        parts,
+                        failed: false,
                     });
                 }
                 ReceiveEvent::Send(frame) => self.send(id, false, Msg::Frame(frame)),
@@ -1601,64 +1717,83 @@ impl World {
         )
     }
 
+    /// Completes the fsyncs that are due, each target partition's on its own; once every part
+    /// is done, the session learns the outcome: the append failed if any part's fsync did
+    /// (the parts that completed keep their records, as on a real disk), else it is durable up
+    /// to the minimum over the target partitions.
     fn fsync_due(&mut self) -> Result<(), SimFailure> {
-        if self
-            .receiver
-            .fsync
-            .as_ref()
-            .is_none_or(|f| f.done_at > self.now)
-        {
-            return Ok(());
-        }
-        let Some(f) = self.receiver.fsync.take() else {
+        let now = self.now;
+        let Some(a) = self.receiver.append.as_mut() else {
             return Ok(());
         };
-        if self.receiver.disk_bad_until > self.now {
-            self.event(format!("receiver fsync fails (conn {})", f.conn));
-            if let Some(RState::Open(s)) = self
-                .receiver
-                .sessions
-                .get_mut(&f.conn)
-                .map(|s| &mut s.state)
-            {
+        let conn = a.conn;
+        let bad = self.receiver.disk_bad_until > now;
+        let mut done = Vec::new();
+        for (tp, part) in a.parts.iter_mut().enumerate() {
+            if part.as_ref().is_some_and(|(_, t)| *t <= now) {
+                if let Some((records, _)) = part.take() {
+                    done.push((tp, records));
+                }
+            }
+        }
+        if bad && !done.is_empty() {
+            a.failed = true;
+        }
+        let finished = a.parts.iter().all(Option::is_none);
+        for (tp, records) in done {
+            if bad {
+                self.event(format!(
+                    "receiver fsync of target partition {tp} fails (conn {conn})"
+                ));
+            } else {
+                self.land(tp, conn, records)?;
+                let last = self.receiver.inboxes[tp].last();
+                self.event(format!(
+                    "receiver fsync of target partition {tp} done: ..={last} (conn {conn})"
+                ));
+            }
+        }
+        if !finished {
+            return Ok(());
+        }
+        let Some(a) = self.receiver.append.take() else {
+            return Ok(());
+        };
+        let durable = self.receiver.durable();
+        if !a.failed {
+            self.report.appends += 1;
+            self.event(format!(
+                "receiver append done: durable ..={durable} ([{}])",
+                self.receiver.lasts()
+            ));
+        }
+        if let Some(RState::Open(s)) = self.receiver.sessions.get_mut(&conn).map(|s| &mut s.state) {
+            if a.failed {
                 s.handle_append_failed("cannot write the inbox: injected fsync failure");
-                self.pump_receiver(f.conn)?;
+            } else {
+                s.handle_appended(durable);
             }
-            return self.session_done(f.conn);
         }
-        let durable = self.receiver.durable();
-        let mut expect = if self.receiver.inbox.is_empty() {
-            f.records.first().map_or(Decree(1), |r| r.decree)
-        } else {
-            durable.next()
+        self.pump_receiver(conn)?;
+        self.session_done(conn)
+    }
+
+    /// Target partition `tp`'s part of conn `conn`'s append reached its disk: the inbox rule
+    /// applies, and a part it refuses violates (d).
+    fn land(&mut self, tp: usize, conn: u64, records: Vec<PlogRecord>) -> Result<(), SimFailure> {
+        let Some(inbox) = self.receiver.inboxes.get_mut(tp) else {
+            return Ok(());
         };
-        for r in &f.records {
-            if r.decree != expect {
-                violated!(
-                    self,
-                    "(d) appended at most once, contiguous",
-                    "conn {}'s append has decree {} where the inbox (durable ..={durable}) \
-                     expects {expect}",
-                    f.conn,
-                    r.decree
-                );
-            }
-            expect = expect.next();
+        let last = inbox.last();
+        if let Err((got, expect)) = inbox.append(records) {
+            violated!(
+                self,
+                "(d) appended at most once, contiguous",
+                "conn {conn}'s append has decree {got} where target partition {tp}'s inbox \
+                 (durable ..={last}) expects {expect}"
+            );
         }
-        self.report.appends += 1;
-        self.receiver.inbox.extend(f.records);
-        let durable = self.receiver.durable();
-        self.event(format!("receiver fsync done: durable ..={durable}"));
-        if let Some(RState::Open(s)) = self
-            .receiver
-            .sessions
-            .get_mut(&f.conn)
-            .map(|s| &mut s.state)
-        {
-            s.handle_appended(durable);
-            self.pump_receiver(f.conn)?;
-        }
-        self.session_done(f.conn)
+        Ok(())
     }
 
     // ---- invariants ----
@@ -1697,6 +1832,17 @@ impl World {
                 self.last_durable
             );
         }
+        for (tp, inbox) in self.receiver.inboxes.iter().enumerate() {
+            let (was, last) = (self.last_inboxes[tp], inbox.last());
+            if last < was {
+                violated!(
+                    self,
+                    "(e) progress monotonic",
+                    "target partition {tp}'s inbox went from ..={was} to ..={last}"
+                );
+            }
+            self.last_inboxes[tp] = last;
+        }
         self.last_progress = progress;
         self.last_durable = durable;
         Ok(())
@@ -1709,34 +1855,45 @@ impl World {
             self.note_skips(term.as_ref());
             self.shippers[i].term = term;
         }
-        let inbox = &self.receiver.inbox;
-        if inbox.len() != self.source.plog.len() {
-            violated!(
-                self,
-                "(b) target holds every committed record",
-                "the inbox holds {} records, the source committed {}",
-                self.receiver.inbox.len(),
-                self.source.plog.len()
-            );
-        }
-        for (got, want) in inbox.iter().zip(&self.source.plog) {
-            let stripped_ok = got.ops.is_empty()
-                && got.decree <= self.skipped_max
-                && self.p.fail_mode == FailMode::Skip;
-            if got.decree != want.decree
-                || got.timetag != want.timetag
-                || (got.ops != want.ops && !stripped_ok)
-            {
-                let (d, w) = (got.decree, want.decree);
+        // Every target partition holds every committed decree, with exactly the source's ops
+        // whose key maps to it.
+        let n = self.p.target_partitions;
+        for (tp, inbox) in self.receiver.inboxes.iter().enumerate() {
+            if inbox.records.len() != self.source.plog.len() {
                 violated!(
                     self,
                     "(b) target holds every committed record",
-                    "inbox record at decree {d} differs from the source's decree {w} \
-                     (ops {} vs {}; FAIL_SKIP skipped through {})",
-                    got.ops.len(),
-                    want.ops.len(),
-                    self.skipped_max
+                    "target partition {tp}'s inbox holds {} records, the source committed {}",
+                    inbox.records.len(),
+                    self.source.plog.len()
                 );
+            }
+            for (got, want) in inbox.records.iter().zip(&self.source.plog) {
+                let ops: Vec<&Op> = want
+                    .ops
+                    .iter()
+                    .filter(|op| partition_of(op.key(), n).0 as usize == tp)
+                    .collect();
+                let stripped_ok = got.ops.is_empty()
+                    && got.decree <= self.skipped_max
+                    && self.p.fail_mode == FailMode::Skip;
+                if got.decree != want.decree
+                    || got.timetag != want.timetag
+                    || (!got.ops.iter().eq(ops.iter().copied()) && !stripped_ok)
+                {
+                    let (d, w) = (got.decree, want.decree);
+                    violated!(
+                        self,
+                        "(b) target holds every committed record",
+                        "target partition {tp}'s inbox record at decree {d} differs from the \
+                         source's decree {w} (ops {} vs {} of the source's {} that map to it; \
+                         FAIL_SKIP skipped through {})",
+                        got.ops.len(),
+                        ops.len(),
+                        want.ops.len(),
+                        self.skipped_max
+                    );
+                }
             }
         }
         Ok(())
