@@ -11,7 +11,8 @@ packages=(
   etcd-server etcd-client       # etcd and etcdctl: cluster metadata and elections
   redis-tools                   # redis-cli and redis-benchmark: the demo's load and checks
   redis-server                  # the baseline `bench` compares the node with
-  iproute2                      # ip netns and tc netem for the WAN tests
+  iproute2 procps               # ip netns, tc, sysctl: the WAN tests and the link emulator
+  iperf3 rsync openssh-server openssh-client  # TCP baselines the bench measures over the link emulator
   curl ca-certificates
 )
 
