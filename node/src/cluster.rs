@@ -179,7 +179,7 @@ pub async fn watch_table(meta: MetaStore, node: Arc<Node>, cancel: CancellationT
 
 /// Deletes, every `interval`, the plog segments of each partition that every duplication of the
 /// table has confirmed (none without `meta`: a standalone node). A dup without progress yet
-/// holds everything. The last `retain_decrees` records before the committed decree are always
+/// holds everything after its checkpoint's decree (a full dup), or everything. The last `retain_decrees` records before the committed decree are always
 /// kept. Cancellation-safe.
 pub async fn gc_plogs(
     meta: Option<MetaStore>,
@@ -216,11 +216,20 @@ async fn gc_once(meta: Option<&MetaStore>, node: &Node, retain_decrees: u64) -> 
         let committed = partition.committed_decree();
         let mut below = Decree(committed.0.saturating_sub(retain_decrees));
         for (meta, (dupid, _)) in dups.iter().filter_map(|d| Some((meta?, d))) {
-            let confirmed = meta
+            let confirmed = match meta
                 .progress(table, *dupid, p)
                 .await
                 .map_err(|e| anyhow!("{e}"))?
-                .map_or(Decree(0), |pr| pr.confirmed_decree);
+            {
+                Some(pr) => pr.confirmed_decree,
+                // A full dup ships from its checkpoint's decree on; before the checkpoint is
+                // made, everything is held.
+                None => meta
+                    .checkpoint(table, *dupid, p)
+                    .await
+                    .map_err(|e| anyhow!("{e}"))?
+                    .map_or(Decree(0), |c| c.manifest.decree),
+            };
             below = below.min(confirmed);
         }
         let removed = partition

@@ -26,6 +26,7 @@ pub mod config;
 pub mod http;
 pub mod inbox_apply;
 pub mod metrics;
+pub mod prepare;
 pub mod resp;
 pub mod scan;
 
@@ -264,6 +265,12 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
         tasks.spawn(cluster::watch_table(
             m.meta.clone(),
             node.clone(),
+            background.clone(),
+        ));
+        tasks.spawn(prepare::run(
+            m.meta.clone(),
+            node.clone(),
+            m.name.clone(),
             background.clone(),
         ));
     }

@@ -6,13 +6,14 @@
 //! <data_dir>/<table>/<p>/plog/<first:020>.plog       the partition's plog segments
 //! <data_dir>/<table>/<p>/plog/committed              the committed marker the shipper tails
 //! <data_dir>/<table>/<p>/inbox/<cid>-<sp>/           one source partition's inbox log (+ committed)
+//! <data_dir>/<table>/<p>/checkpoints/dup-<dupid>/    a full dup's checkpoint (db/ + manifest.json)
 //! <data_dir>/<table>/.fences/<cid>-<dupid>-<sp>      the receiver's fencing tokens
 //! <data_dir>/<table>/.staging/<cid>-<sp>/            an incoming checkpoint (see `staging`)
 //! ```
 
 use std::path::{Path, PathBuf};
 
-use ferry_proto::{PartitionId, Source};
+use ferry_proto::{DupId, PartitionId, Source};
 
 /// The RocksDB directory inside a partition directory.
 pub const DB_DIR: &str = ferry_proto::checkpoint::DB_DIR;
@@ -20,6 +21,8 @@ pub const DB_DIR: &str = ferry_proto::checkpoint::DB_DIR;
 pub const PLOG_DIR: &str = "plog";
 /// The directory of the inbox logs inside a partition directory.
 pub const INBOX_DIR: &str = "inbox";
+/// The directory of the checkpoints kept for full dups, inside a partition directory.
+pub const CHECKPOINTS_DIR: &str = "checkpoints";
 /// The directory of the fencing-token files inside a table directory.
 pub const FENCES_DIR: &str = ".fences";
 /// The directory of incoming checkpoints inside a table directory.
@@ -56,6 +59,17 @@ impl Layout {
     /// `<data_dir>/<table>/<p>/plog`.
     pub fn plog(&self, table: &str, p: PartitionId) -> PathBuf {
         plog_dir(&self.partition(table, p))
+    }
+
+    /// `<data_dir>/<table>/<p>/checkpoints`: the checkpoints kept for full dups.
+    pub fn checkpoints(&self, table: &str, p: PartitionId) -> PathBuf {
+        self.partition(table, p).join(CHECKPOINTS_DIR)
+    }
+
+    /// `<data_dir>/<table>/<p>/checkpoints/dup-<dupid>`: the checkpoint of `dupid`, kept until
+    /// its install is complete.
+    pub fn dup_checkpoint(&self, table: &str, p: PartitionId, dupid: DupId) -> PathBuf {
+        self.checkpoints(table, p).join(format!("dup-{}", dupid.0))
     }
 
     /// `<data_dir>/<table>/.fences`.

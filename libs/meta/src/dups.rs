@@ -14,8 +14,8 @@ use ferry_proto::{DupId, PartitionId};
 use crate::keys::Keys;
 use crate::status::{transition, DupEvent, DupStatus, FailMode};
 use crate::{
-    decode, encode, known_table, unchanged, DupInfo, DupMode, MetaError, MetaStore, Progress,
-    TableState, CAS_ATTEMPTS,
+    decode, encode, known_table, unchanged, DupCheckpoint, DupInfo, DupMode, MetaError, MetaStore,
+    Progress, TableState, CAS_ATTEMPTS,
 };
 
 /// What a new dup is checked against: the clusters it may go to.
@@ -241,6 +241,58 @@ impl MetaStore {
                 .await?;
             if ok {
                 return Ok(info);
+            }
+        }
+        Err(MetaError::Contended { key })
+    }
+
+    /// A full dup's checkpoint of one partition, once its node has published it.
+    pub async fn checkpoint(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+    ) -> Result<Option<DupCheckpoint>, MetaError> {
+        match self.get(self.keys().checkpoint(table, dupid, p)).await? {
+            Some(kv) => Ok(Some(decode(&kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Publishes a partition's checkpoint for a full dup, once: if one is published already,
+    /// that one stays and is returned (a node that restarted in the middle cannot enter the
+    /// phase twice with another result). Fails if the dup was removed meanwhile.
+    pub async fn publish_checkpoint(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+        checkpoint: &DupCheckpoint,
+    ) -> Result<DupCheckpoint, MetaError> {
+        known_table(table)?;
+        let dup_key = self.keys().dup(table, dupid);
+        let key = self.keys().checkpoint(table, dupid, p);
+        for _ in 0..CAS_ATTEMPTS {
+            if let Some(kv) = self.get(key.clone()).await? {
+                return decode(&kv);
+            }
+            let ok = self
+                .cas(
+                    vec![
+                        unchanged(&key, None),
+                        Compare::version(dup_key.clone(), CompareOp::Greater, 0),
+                    ],
+                    vec![TxnOp::put(key.clone(), encode(checkpoint), None)],
+                )
+                .await?;
+            if ok {
+                return Ok(checkpoint.clone());
+            }
+            if self.get(dup_key.clone()).await?.is_none() {
+                return Err(MetaError::NoSuchDup {
+                    table: table.into(),
+                    dupid,
+                });
             }
         }
         Err(MetaError::Contended { key })

@@ -80,6 +80,24 @@ pub struct PartitionEntry {
     pub extra: Map<String, Value>,
 }
 
+/// `dups/<table>/<dupid>/checkpoint/<p>`, written once by the source node when it has made the
+/// partition's checkpoint for a full dup (`DS_PREPARE`). Never rewritten with another decree.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DupCheckpoint {
+    /// The checkpoint: its decree and every file's name, size and CRC-32C.
+    pub manifest: ferry_proto::CheckpointManifest,
+    /// Which database the files come from (the partition's RocksDB identity): a target staging
+    /// files of another lineage discards them.
+    pub lineage: String,
+    /// The node that made it and keeps it until the install is complete.
+    pub node: String,
+    /// When it was made, ms since the Unix epoch.
+    pub made_at_ms: u64,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
 /// `dups/<table>/<dupid>/progress/<p>`, written by the shipper that owns the partition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {

@@ -1,0 +1,159 @@
+//! Full duplication, prepare phase (`DS_PREPARE`), on the source node.
+//!
+//! For every full dup of the table in `DS_PREPARE`, each local partition makes its checkpoint at
+//! once (an idle or empty partition too: nothing waits for a periodic checkpoint), keeps it under
+//! `<partition>/checkpoints/dup-<dupid>/` until the install is complete, and publishes its
+//! manifest in etcd (`dups/<table>/<dupid>/checkpoint/<p>`). The plog is held from the
+//! checkpoint's decree on (see `cluster::gc_plogs`), so shipping can start right after it.
+//!
+//! Every step survives a kill -9: a checkpoint made but not yet published is verified and
+//! published; a half-made one fails verification, is deleted and made again; a published one
+//! never changes (etcd keeps the first). Checkpoints of dups that are gone are deleted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context as _};
+use tokio_util::sync::CancellationToken;
+
+use ferry_engine::partition::Partition;
+use ferry_log::layout::{db_dir, Layout};
+use ferry_meta::status::DupStatus;
+use ferry_meta::{DupCheckpoint, MetaStore};
+use ferry_proto::{CheckpointManifest, DupId};
+
+use crate::Node;
+
+/// How often the dups are looked at.
+const POLL: Duration = Duration::from_millis(500);
+/// RocksDB's file naming a database: the lineage of its checkpoint files.
+const IDENTITY_FILE: &str = "IDENTITY";
+
+/// Makes and publishes the checkpoints of full dups in `DS_PREPARE` until cancelled. etcd being
+/// away only delays it. Cancellation-safe.
+pub async fn run(meta: MetaStore, node: Arc<Node>, node_name: String, cancel: CancellationToken) {
+    loop {
+        if let Err(e) = once(&meta, &node, &node_name).await {
+            tracing::warn!(error = %format!("{e:#}"), "full-dup checkpoints: will retry");
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+async fn once(meta: &MetaStore, node: &Node, node_name: &str) -> anyhow::Result<()> {
+    let table = node.table.name();
+    let layout = Layout::new(&node.config.data_dir);
+    let dups = meta.list_dups(table).await.map_err(|e| anyhow!("{e}"))?;
+    for (dupid, _) in dups.iter().filter(|(_, d)| d.status == DupStatus::Prepare) {
+        for partition in node.table.partitions() {
+            let p = partition.id();
+            let published = meta
+                .checkpoint(table, *dupid, p)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            if published.is_some() {
+                continue;
+            }
+            let dir = layout.dup_checkpoint(table, p, *dupid);
+            let started = Instant::now();
+            let manifest = make_or_reuse(partition, &dir).await?;
+            let lineage = lineage(&layout.partition(table, p))?;
+            let record = DupCheckpoint {
+                manifest,
+                lineage,
+                node: node_name.to_string(),
+                made_at_ms: ferry_engine::clock::wall_ms(),
+                extra: Default::default(),
+            };
+            let kept = meta
+                .publish_checkpoint(table, *dupid, p, &record)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            tracing::info!(
+                dupid = dupid.0,
+                partition = p.0,
+                decree = kept.manifest.decree.0,
+                files = kept.manifest.files.len(),
+                bytes = kept.manifest.total_bytes(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "full dup: checkpoint published"
+            );
+        }
+    }
+    // Checkpoints kept for dups that no longer exist are deleted. (A finished install deletes its
+    // own once the install-complete event fires.)
+    let live: Vec<DupId> = dups
+        .iter()
+        .filter(|(_, d)| d.status != DupStatus::Removed)
+        .map(|(id, _)| *id)
+        .collect();
+    for partition in node.table.partitions() {
+        for (dupid, dir) in kept_checkpoints(&layout.checkpoints(table, partition.id()))? {
+            if !live.contains(&dupid) {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("delete the checkpoint {}", dir.display()))?;
+                tracing::info!(dupid = dupid.0, dir = %dir.display(), "checkpoint of a removed dup deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint in `dir` if a previous run made it whole, else a new one (what a crash left
+/// half-made is deleted first).
+async fn make_or_reuse(partition: &Partition, dir: &Path) -> anyhow::Result<CheckpointManifest> {
+    if dir.exists() {
+        let d = dir.to_path_buf();
+        match tokio::task::spawn_blocking(move || ferry_engine::checkpoint::verify(&d)).await? {
+            Ok(m) => return Ok(m),
+            Err(e) => {
+                tracing::info!(dir = %dir.display(), reason = %e, "an unfinished checkpoint is made again");
+                std::fs::remove_dir_all(dir).with_context(|| {
+                    format!("delete the unfinished checkpoint {}", dir.display())
+                })?;
+            }
+        }
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    partition
+        .checkpoint(dir.to_path_buf())
+        .await
+        .with_context(|| format!("make the checkpoint {}", dir.display()))
+}
+
+/// The partition database's identity, which names the lineage of its files.
+fn lineage(partition_dir: &Path) -> anyhow::Result<String> {
+    let path = db_dir(partition_dir).join(IDENTITY_FILE);
+    let id = std::fs::read_to_string(&path)
+        .with_context(|| format!("read the database identity {}", path.display()))?;
+    Ok(id.trim().to_string())
+}
+
+/// The `dup-<id>` directories under `dir`.
+fn kept_checkpoints(dir: &Path) -> anyhow::Result<Vec<(DupId, PathBuf)>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("list {}", dir.display()))?;
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("dup-"))
+            .and_then(|n| n.parse().ok())
+        else {
+            continue;
+        };
+        out.push((DupId(id), entry.path()));
+    }
+    Ok(out)
+}
