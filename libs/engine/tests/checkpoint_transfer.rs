@@ -26,6 +26,10 @@ fn opts() -> PartitionOptions {
 struct Session {
     /// File bytes read and sent as chunks.
     sent: u64,
+    /// Chunk frame bytes on the wire (zstd where it saves an eighth).
+    wire: u64,
+    /// Chunks sent compressed.
+    compressed: u64,
     chunks: u64,
     /// Chunks the receiver refused by their checksum.
     corrupt: u64,
@@ -87,6 +91,8 @@ fn session(
                 out.sent += u64::from(len);
                 let mut frame = Vec::new();
                 wire::encode(&Frame::Chunk(chunk.clone()), &mut frame);
+                out.wire += frame.len() as u64;
+                out.compressed += u64::from(chunk.compressed);
                 match wire::unpack_chunk(&chunk) {
                     Ok(bytes) => staging
                         .write_chunk(&chunk.file, chunk.offset, &bytes)
@@ -161,6 +167,15 @@ async fn a_checkpoint_copied_in_interrupted_sessions_opens_with_the_source_diges
         "sent {sent} bytes for a {total}-byte checkpoint"
     );
     assert!(sent >= total, "every byte was sent at least once");
+    let chunks = first.chunks + second.chunks + third.chunks;
+    eprintln!(
+        "checkpoint of {} files, {total} bytes: {chunks} chunks, {} sent compressed; {sent} file \
+         bytes took {} bytes on the wire ({:.2}x)",
+        manifest.files.len(),
+        first.compressed + second.compressed + third.compressed,
+        first.wire + second.wire + third.wire,
+        sent as f64 / (first.wire + second.wire + third.wire) as f64
+    );
 
     let (copy, report) = Partition::open_from_checkpoint(
         &staging,
