@@ -272,7 +272,9 @@ impl Session {
 
     /// Drives the session: frames in, its outputs out, its appends run, until it ends.
     async fn steady(&mut self, recv: RecvStream, frames: FrameBuffer, mut open: Open) -> End {
-        let (tx, mut rx) = mpsc::channel(receive::PIPELINE);
+        // The session queues up to `receive::PIPELINE` batches itself; the channel only lets
+        // the reader unpack the next one meanwhile, so a session holds at most PIPELINE + 2.
+        let (tx, mut rx) = mpsc::channel(1);
         let reader = AbortOnDropHandle::new(tokio::spawn(
             read_loop(self.ctx.clone(), recv, frames, tx).instrument(tracing::Span::current()),
         ));
