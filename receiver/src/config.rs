@@ -31,7 +31,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
-use ferry_proc::one_line;
 use serde::{Deserialize, Serialize};
 
 pub use ferry_net::Congestion;
@@ -167,27 +166,9 @@ pub struct ReceiverArgs {
 /// Why a config could not be loaded. Each message names the file or the key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The config file could not be read.
-    #[error("cannot read config file {}: {source}; check the --config path", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for a receiver, or has an unknown key.
-    #[error("config file {} is invalid: {message}", path.display())]
-    Parse {
-        path: PathBuf,
-        /// toml's message on one line; it names the key and quotes the line.
-        message: String,
-    },
-    /// Config text given directly (not a file) is not valid TOML for a receiver, or has an
-    /// unknown key.
-    #[error("config is invalid: {message}")]
-    Toml {
-        /// toml's message on one line; it names the key and quotes the line.
-        message: String,
-    },
+    /// The config file (or text) could not be read or parsed.
+    #[error(transparent)]
+    Toml(#[from] ferry_proc::TomlError),
     /// A key has a value the receiver cannot run with.
     #[error("config key `{key}` {reason}")]
     Invalid { key: String, reason: String },
@@ -207,21 +188,12 @@ impl ReceiverConfig {
 
     /// Parses a TOML file; does not validate.
     pub fn from_file(path: &Path) -> Result<ReceiverConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: one_line(&e, &text).to_string(),
-        })
+        Ok(ferry_proc::read_toml(path)?)
     }
 
     /// Parses TOML text; does not validate.
     pub fn from_toml(text: &str) -> Result<ReceiverConfig, ConfigError> {
-        toml::from_str(text).map_err(|e: toml::de::Error| ConfigError::Toml {
-            message: one_line(&e, text).to_string(),
-        })
+        Ok(ferry_proc::parse_toml(text)?)
     }
 
     /// Overrides keys with the flags that were given.

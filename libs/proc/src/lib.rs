@@ -100,6 +100,50 @@ pub fn watch_signals(
     }))
 }
 
+/// A TOML config that could not be read or parsed (the per-process config errors wrap it).
+#[derive(Debug, thiserror::Error)]
+pub enum TomlError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}; check the --config path", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this config, or has an unknown key.
+    #[error("config file {} is invalid: {message}", path.display())]
+    Parse {
+        path: std::path::PathBuf,
+        /// toml's message on one line ([`one_line`]): it names the key and quotes the line.
+        message: String,
+    },
+    /// Config text given directly (not a file) is not valid TOML for this config.
+    #[error("config is invalid: {message}")]
+    Text {
+        /// toml's message on one line ([`one_line`]).
+        message: String,
+    },
+}
+
+/// Reads and parses the TOML config file at `path`; does not validate.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, TomlError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TomlError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e: toml::de::Error| TomlError::Parse {
+        path: path.to_path_buf(),
+        message: one_line(&e, &text).to_string(),
+    })
+}
+
+/// Parses TOML config text; does not validate.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, TomlError> {
+    toml::from_str(text).map_err(|e: toml::de::Error| TomlError::Text {
+        message: one_line(&e, text).to_string(),
+    })
+}
+
 /// toml's errors span several lines (with a source excerpt); a start-up error is one sentence
 /// that still shows the offending line, so the key is named.
 pub fn one_line<'a>(e: &'a toml::de::Error, text: &'a str) -> impl fmt::Display + 'a {
