@@ -84,32 +84,41 @@ async fn once(meta: &MetaStore, node: &Node, node_name: &str) -> anyhow::Result<
             );
         }
     }
-    // Checkpoints kept for dups that no longer exist are deleted. (A finished install deletes its
-    // own once the install-complete event fires.)
+    // Checkpoints kept for dups that no longer exist are deleted, on the blocking pool. (A
+    // finished install deletes its own once the install-complete event fires.)
     let live: Vec<DupId> = dups
         .iter()
         .filter(|(_, d)| d.status != DupStatus::Removed)
         .map(|(id, _)| *id)
         .collect();
-    for partition in node.table.partitions() {
-        for (dupid, dir) in kept_checkpoints(&layout.checkpoints(table, partition.id()))? {
-            if !live.contains(&dupid) {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("delete the checkpoint {}", dir.display()))?;
-                tracing::info!(dupid = dupid.0, dir = %dir.display(), "checkpoint of a removed dup deleted");
-            }
-        }
-    }
-    Ok(())
+    let dirs: Vec<PathBuf> = node
+        .table
+        .partitions()
+        .iter()
+        .map(|p| layout.checkpoints(table, p.id()))
+        .collect();
+    tokio::task::spawn_blocking(move || delete_unless_live(&dirs, &live)).await?
 }
 
 /// The checkpoint in `dir` if a previous run made it whole, else a new one (what a crash left
 /// half-made is deleted first).
 async fn make_or_reuse(partition: &Partition, dir: &Path) -> anyhow::Result<CheckpointManifest> {
+    let d = dir.to_path_buf();
+    if let Some(m) = tokio::task::spawn_blocking(move || reuse_or_clear(&d)).await?? {
+        return Ok(m);
+    }
+    partition
+        .checkpoint(dir.to_path_buf())
+        .await
+        .with_context(|| format!("make the checkpoint {}", dir.display()))
+}
+
+/// The whole checkpoint a previous run left in `dir`, if any; otherwise `dir` is cleared (what a
+/// crash left half-made is deleted) and its parent made. Blocking.
+fn reuse_or_clear(dir: &Path) -> anyhow::Result<Option<CheckpointManifest>> {
     if dir.exists() {
-        let d = dir.to_path_buf();
-        match tokio::task::spawn_blocking(move || ferry_engine::checkpoint::verify(&d)).await? {
-            Ok(m) => return Ok(m),
+        match ferry_engine::checkpoint::verify(dir) {
+            Ok(m) => return Ok(Some(m)),
             Err(e) => {
                 tracing::info!(dir = %dir.display(), reason = %e, "an unfinished checkpoint is made again");
                 std::fs::remove_dir_all(dir).with_context(|| {
@@ -121,10 +130,21 @@ async fn make_or_reuse(partition: &Partition, dir: &Path) -> anyhow::Result<Chec
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
-    partition
-        .checkpoint(dir.to_path_buf())
-        .await
-        .with_context(|| format!("make the checkpoint {}", dir.display()))
+    Ok(None)
+}
+
+/// Deletes the kept checkpoints under `dirs` whose dup is not in `live`. Blocking.
+fn delete_unless_live(dirs: &[PathBuf], live: &[DupId]) -> anyhow::Result<()> {
+    for dir in dirs {
+        for (dupid, kept) in kept_checkpoints(dir)? {
+            if !live.contains(&dupid) {
+                std::fs::remove_dir_all(&kept)
+                    .with_context(|| format!("delete the checkpoint {}", kept.display()))?;
+                tracing::info!(dupid = dupid.0, dir = %kept.display(), "checkpoint of a removed dup deleted");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The partition database's identity, which names the lineage of its files.
