@@ -110,10 +110,17 @@ pub enum DupCommand {
         /// Remote cluster name.
         #[arg(long, short = 'c')]
         cluster: String,
-        /// Copy a checkpoint first (full duplication). Not implemented yet: refused. Without it
-        /// only new writes are shipped (starts in DS_LOG).
+        /// Copy the table's existing data first (full duplication: DS_PREPARE → DS_APP →
+        /// DS_LOG); the remote cluster creates the target table itself. Without it only new
+        /// writes are shipped (starts in DS_LOG) to a table that must exist there.
         #[arg(long)]
         full: bool,
+        /// With --full: the target table's partition count (default: the source's).
+        #[arg(long, requires = "full")]
+        remote_partitions: Option<u32>,
+        /// With --full: bandwidth limit of the checkpoint copy, in MB/s (10^6 bytes) on the wire.
+        #[arg(long, requires = "full")]
+        rate_mb: Option<u64>,
     },
     /// List a table's duplications.
     List {
@@ -253,6 +260,8 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
             table,
             cluster,
             full,
+            remote_partitions,
+            rate_mb,
         }) => {
             let d: DupView = client
                 .post(
@@ -260,6 +269,8 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
                     &AddDup {
                         remote: cluster,
                         full,
+                        remote_partitions,
+                        rate_bytes: rate_mb.map(|m| m.saturating_mul(1_000_000)),
                     },
                 )
                 .await?;

@@ -3,7 +3,8 @@
 //! At start-up, in order: connect to etcd → compare this node's cluster config with the stored
 //! one (refuse to start, naming the field, if they differ; wait while no coordinator has stored
 //! one yet) → register under a lease → wait until the table exists and its partitions are placed
-//! on this node. The caller then opens the partitions and, last, the client port.
+//! on this node → for the target of a full duplication, install it from the source's checkpoints
+//! ([`crate::install`]). The caller then opens the partitions and, last, the client port.
 //!
 //! While serving, [`watch_table`] follows the table's state (a `read_only` or `demoted` table
 //! refuses writes with a retryable error) and [`gc_plogs`] deletes plog segments that every
@@ -94,10 +95,10 @@ pub async fn join(
 
     stage.set(Stage::WaitingForTable);
     let mut said = false;
-    loop {
+    let assignment = loop {
         match meta.assignments(&name).await {
             Ok(tables) => {
-                if let Some(a) = tables.iter().find(|a| a.table == config.table) {
+                if let Some(a) = tables.into_iter().find(|a| a.table == config.table) {
                     let count = a.info.partition_count;
                     if count != config.partitions {
                         bail!(
@@ -108,7 +109,7 @@ pub async fn join(
                         );
                     }
                     if a.partitions.len() as u32 == count {
-                        break;
+                        break a;
                     }
                     bail!(
                         "table `{}` has {} of its {count} partitions on node `{name}` and the rest on \
@@ -127,6 +128,14 @@ pub async fn join(
             Err(e) => tracing::debug!(error = %e, "read the partition table"),
         }
         if sleep_or_stop(shutdown).await {
+            registration.deregister().await;
+            return Ok(None);
+        }
+    };
+    // The target of a full duplication opens only once it is filled from the checkpoints.
+    if let (Some(f), TableState::Creating) = (&assignment.info.follower, assignment.info.state) {
+        stage.set(Stage::Installing);
+        if !crate::install::until_installed(config, &meta, &assignment, f, shutdown).await? {
             registration.deregister().await;
             return Ok(None);
         }

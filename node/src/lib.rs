@@ -25,6 +25,7 @@ pub mod commands;
 pub mod config;
 pub mod http;
 pub mod inbox_apply;
+pub mod install;
 pub mod metrics;
 pub mod prepare;
 pub mod resp;
@@ -108,6 +109,9 @@ pub enum Stage {
     Registering = 5,
     /// In a cluster: waiting for the table to be created and placed on this node.
     WaitingForTable = 6,
+    /// In a cluster: the table is the target of a full duplication; installing it from the
+    /// source's checkpoints (clients get `-LOADING`).
+    Installing = 7,
 }
 
 impl Stage {
@@ -120,6 +124,7 @@ impl Stage {
             Stage::CheckingConfig => "checking_config",
             Stage::Registering => "registering",
             Stage::WaitingForTable => "waiting_for_table",
+            Stage::Installing => "installing",
         }
     }
 }
@@ -137,6 +142,7 @@ impl StageCell {
             4 => Stage::CheckingConfig,
             5 => Stage::Registering,
             6 => Stage::WaitingForTable,
+            7 => Stage::Installing,
             _ => Stage::Stopping,
         }
     }
@@ -271,6 +277,11 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
             m.meta.clone(),
             node.clone(),
             m.name.clone(),
+            background.clone(),
+        ));
+        tasks.spawn(install::clean_staging(
+            m.meta.clone(),
+            node.config.clone(),
             background.clone(),
         ));
     }

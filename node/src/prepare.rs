@@ -67,6 +67,8 @@ async fn once(meta: &MetaStore, node: &Node, node_name: &str) -> anyhow::Result<
                 lineage,
                 node: node_name.to_string(),
                 made_at_ms: ferry_engine::clock::wall_ms(),
+                catch_up_to: None,
+                install_complete_at_ms: None,
                 extra: Default::default(),
             };
             let kept = meta
@@ -84,20 +86,34 @@ async fn once(meta: &MetaStore, node: &Node, node_name: &str) -> anyhow::Result<
             );
         }
     }
-    // Checkpoints kept for dups that no longer exist are deleted, on the blocking pool. (A
-    // finished install deletes its own once the install-complete event fires.)
-    let live: Vec<DupId> = dups
-        .iter()
-        .filter(|(_, d)| d.status != DupStatus::Removed)
-        .map(|(id, _)| *id)
-        .collect();
-    let dirs: Vec<PathBuf> = node
+    // A kept checkpoint is deleted once its dup is gone or its install-complete event fired,
+    // on the blocking pool.
+    let count = node.table.partition_count();
+    let mut keep: Vec<(PathBuf, Vec<DupId>)> = node
         .table
         .partitions()
         .iter()
-        .map(|p| layout.checkpoints(table, p.id()))
+        .map(|p| (layout.checkpoints(table, p.id()), Vec::new()))
         .collect();
-    tokio::task::spawn_blocking(move || delete_unless_live(&dirs, &live)).await?
+    for (dupid, d) in dups.iter().filter(|(_, d)| d.status != DupStatus::Removed) {
+        let records = match d.status {
+            DupStatus::Log | DupStatus::Pause => meta
+                .checkpoints(table, *dupid, count)
+                .await
+                .map_err(|e| anyhow!("{e}"))?,
+            _ => Vec::new(),
+        };
+        for (i, (_, live)) in keep.iter_mut().enumerate() {
+            let complete = records
+                .get(i)
+                .and_then(Option::as_ref)
+                .is_some_and(|c| c.install_complete_at_ms.is_some());
+            if !complete {
+                live.push(*dupid);
+            }
+        }
+    }
+    tokio::task::spawn_blocking(move || delete_unless_live(&keep)).await?
 }
 
 /// The checkpoint in `dir` if a previous run made it whole, else a new one (what a crash left
@@ -133,14 +149,15 @@ fn reuse_or_clear(dir: &Path) -> anyhow::Result<Option<CheckpointManifest>> {
     Ok(None)
 }
 
-/// Deletes the kept checkpoints under `dirs` whose dup is not in `live`. Blocking.
-fn delete_unless_live(dirs: &[PathBuf], live: &[DupId]) -> anyhow::Result<()> {
-    for dir in dirs {
+/// Deletes the kept checkpoints under each directory whose dup is not in its list. Blocking.
+fn delete_unless_live(dirs: &[(PathBuf, Vec<DupId>)]) -> anyhow::Result<()> {
+    for (dir, live) in dirs {
         for (dupid, kept) in kept_checkpoints(dir)? {
             if !live.contains(&dupid) {
                 std::fs::remove_dir_all(&kept)
                     .with_context(|| format!("delete the checkpoint {}", kept.display()))?;
-                tracing::info!(dupid = dupid.0, dir = %kept.display(), "checkpoint of a removed dup deleted");
+                tracing::info!(dupid = dupid.0, dir = %kept.display(),
+                    "kept checkpoint deleted (its install is complete, or its dup was removed)");
             }
         }
     }

@@ -14,6 +14,7 @@
 //! (single-node targets); a `Hello` for a table spread over several nodes is refused with
 //! `UNAVAILABLE`. Checkpoint transfer (`Chunk` streams) is not served yet.
 
+pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fence;

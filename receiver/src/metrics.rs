@@ -9,6 +9,10 @@
 //! | `receiver_bytes_total` | counter | `kind`: `wire` (frame bytes received), `raw` (uncompressed records) |
 //! | `receiver_inbox_write_seconds` | histogram | time to append one batch to every target partition's inbox, fsync included |
 //! | `receiver_confirmed_decree` | gauge | `table`, `dupid`, `partition` (the source partition) |
+//! | `receiver_checkpoint_chunks_total` | counter | checkpoint chunks verified and staged |
+//! | `receiver_checkpoint_chunk_bytes_total` | counter | file bytes of those chunks (uncompressed) |
+//! | `receiver_checkpoint_chunks_corrupt_total` | counter | chunks refused by their CRC-32C (sent again) |
+//! | `receiver_checkpoints_staged_total` | counter | source partitions' checkpoints staged whole |
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -29,6 +33,10 @@ pub struct Metrics {
     bytes: Family<Labels, Counter>,
     pub inbox_write_seconds: Histogram,
     confirmed: Family<Labels, Gauge>,
+    pub chunks: Counter,
+    pub chunk_bytes: Counter,
+    pub chunks_corrupt: Counter,
+    pub checkpoints_staged: Counter,
 }
 
 impl Default for Metrics {
@@ -78,7 +86,35 @@ impl Default for Metrics {
             "Highest source decree durable in every target partition's inbox",
             confirmed.clone(),
         );
+        let chunks = Counter::default();
+        let chunk_bytes = Counter::default();
+        let chunks_corrupt = Counter::default();
+        let checkpoints_staged = Counter::default();
+        registry.register(
+            "receiver_checkpoint_chunks",
+            "Checkpoint chunks verified and staged",
+            chunks.clone(),
+        );
+        registry.register(
+            "receiver_checkpoint_chunk_bytes",
+            "File bytes of the checkpoint chunks staged (uncompressed)",
+            chunk_bytes.clone(),
+        );
+        registry.register(
+            "receiver_checkpoint_chunks_corrupt",
+            "Checkpoint chunks refused by their CRC-32C (the shipper sends them again)",
+            chunks_corrupt.clone(),
+        );
+        registry.register(
+            "receiver_checkpoints_staged",
+            "Source partitions' checkpoints staged whole and verified",
+            checkpoints_staged.clone(),
+        );
         Metrics {
+            chunks,
+            chunk_bytes,
+            chunks_corrupt,
+            checkpoints_staged,
             registry,
             sessions,
             rejected,

@@ -34,6 +34,7 @@ use ferry_meta::{self as meta, MetaError, MetaStore, ReceiverInfo, Registration}
 use ferry_proto::wire::{self, ErrorCode, Frame};
 use ferry_proto::ClusterId;
 
+use crate::checkpoint::Transfers;
 use crate::config::ReceiverConfig;
 use crate::error::ReceiverError;
 use crate::fence::Fences;
@@ -48,6 +49,8 @@ pub struct Context {
     pub meta: MetaStore,
     pub fences: Arc<Fences>,
     pub metrics: Arc<Metrics>,
+    /// Open checkpoint transfers, for their lane streams.
+    pub transfers: Transfers,
 }
 
 /// How far the receiver has come, as `/health` reports it.
@@ -233,6 +236,7 @@ async fn start_and_serve(
         config,
         meta,
         metrics,
+        transfers: Transfers::default(),
     });
     status.stage.set(Stage::Serving);
     tracing::info!(

@@ -30,7 +30,7 @@ use ferry_dup::route;
 use ferry_log::inbox::InboxWriter;
 use ferry_log::LogError;
 use ferry_meta::MetaError;
-use ferry_proto::wire::{self, ErrorCode, Frame, WireError, FRAME_HEADER_LEN};
+use ferry_proto::wire::{self, ErrorCode, Frame, Purpose, WireError, FRAME_HEADER_LEN};
 use ferry_proto::{ClusterId, Decree, PlogRecord, Source};
 
 use crate::fence::{FenceKey, Refusal, StopSignal};
@@ -79,7 +79,7 @@ pub async fn run(ctx: Arc<Context>, peer: Arc<Peer>, send: SendStream, recv: Rec
 
 /// How a session ended.
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     /// The shipper finished its stream.
     Clean,
     /// The stream or connection broke; nothing can be sent.
@@ -105,11 +105,11 @@ enum Work {
     End(End),
 }
 
-struct Session {
-    ctx: Arc<Context>,
-    peer: Arc<Peer>,
+pub(crate) struct Session {
+    pub(crate) ctx: Arc<Context>,
+    pub(crate) peer: Arc<Peer>,
     send: SendStream,
-    welcomed: bool,
+    pub(crate) welcomed: bool,
 }
 
 /// The admitted state of a session: what it writes, and the protocol state.
@@ -153,6 +153,11 @@ impl Session {
         span.record("table", hello.table.as_str());
         span.record("dupid", hello.dupid.0);
         span.record("partition", hello.partition.0);
+        match &hello.purpose {
+            Purpose::Log => {}
+            Purpose::Checkpoint { .. } => return self.serve_checkpoint(&hello, recv, frames).await,
+            Purpose::Lane => return self.serve_lane(&hello, recv, frames).await,
+        }
 
         let (admitted, open) = match self.admit(&hello).await {
             Ok(v) => v,
@@ -395,7 +400,7 @@ impl Session {
         *counted = now.clone();
     }
 
-    async fn send_frame(&mut self, frame: &Frame) -> Result<(), End> {
+    pub(crate) async fn send_frame(&mut self, frame: &Frame) -> Result<(), End> {
         let mut buf = Vec::new();
         wire::encode(frame, &mut buf);
         self.send
@@ -528,7 +533,7 @@ async fn read_loop(
 
 /// Reads until the next whole frame: `None` at a clean end of the stream (between frames).
 /// Cancellation-safe: bytes already read stay in `frames`.
-async fn next_frame(
+pub(crate) async fn next_frame(
     recv: &mut RecvStream,
     frames: &mut FrameBuffer,
     ctx: &Context,
@@ -796,6 +801,7 @@ mod tests {
                 table: "users".into(),
                 partition: PartitionId(3),
                 fencing_token: 99,
+                purpose: wire::Purpose::Log,
             }),
             Frame::Batch(wire::pack_batch(
                 &[PlogRecord {

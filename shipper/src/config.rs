@@ -111,6 +111,11 @@ pub struct ShipperSection {
     pub rtt_ms: u64,
     /// Congestion control: `cubic` (default), `bbr` or `newreno`.
     pub congestion: Congestion,
+    /// Parallel QUIC streams of one partition's checkpoint transfer (full duplication).
+    /// Default 4, at most 64.
+    pub checkpoint_lanes: usize,
+    /// Bytes of a checkpoint file per chunk. Default 1 MiB, at most 4 MiB.
+    pub checkpoint_chunk_bytes: u32,
 }
 
 impl Default for ShipperSection {
@@ -133,6 +138,8 @@ impl Default for ShipperSection {
             dup_lagging_write_threshold_ms: 10_000,
             bandwidth_mbps: 1000,
             rtt_ms: 30,
+            checkpoint_lanes: 4,
+            checkpoint_chunk_bytes: 1 << 20,
             congestion: Congestion::Cubic,
         }
     }
@@ -326,6 +333,13 @@ impl ShipperConfig {
             MAX_BATCH_BYTES,
         )?;
         between("shipper.window_batches", s.window_batches as u64, 1, 1024)?;
+        between("shipper.checkpoint_lanes", s.checkpoint_lanes as u64, 1, 64)?;
+        between(
+            "shipper.checkpoint_chunk_bytes",
+            u64::from(s.checkpoint_chunk_bytes),
+            4096,
+            ferry_proto::wire::MAX_CHUNK as u64,
+        )?;
         let levels = zstd_levels();
         if !levels.contains(&s.zstd_level) {
             return Err(invalid(

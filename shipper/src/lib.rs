@@ -14,6 +14,7 @@
 //! - [`error`]: why a session could not find, reach or feed its receiver ([`ShipperError`]).
 //! - [`status`], [`metrics`], [`http`]: what `/replica/duplication` and `/metrics` show.
 
+pub mod checkpoint;
 pub mod config;
 pub mod election;
 pub mod error;

@@ -55,6 +55,12 @@ pub struct Metrics {
     pub session_failures: Family<Labels, Counter>,
     /// 1 while this shipper holds the (dup, partition) election.
     pub leader: Family<Labels, Gauge>,
+    /// Checkpoint transfer bytes, by `kind`: `file` (file bytes sent, again after a break
+    /// too), `wire` (chunk frames, after compression), `present` (held by the target already,
+    /// not sent).
+    pub checkpoint_bytes: Family<Labels, Counter>,
+    /// Checkpoint file bytes the target does not hold yet.
+    pub checkpoint_remaining: Family<Labels, Gauge>,
 }
 
 fn lag_histogram() -> Histogram {
@@ -92,6 +98,8 @@ impl Metrics {
             retained: Family::default(),
             session_failures: Family::default(),
             leader: Family::default(),
+            checkpoint_bytes: Family::default(),
+            checkpoint_remaining: Family::default(),
         };
         registry.register(
             "dup_shipped_ops",
@@ -163,6 +171,16 @@ impl Metrics {
             "1 while this shipper holds the shipping election of the partition",
             m.leader.clone(),
         );
+        registry.register(
+            "dup_checkpoint_bytes",
+            "checkpoint transfer bytes: file (sent), wire (after compression), present (held by the target, not sent)",
+            m.checkpoint_bytes.clone(),
+        );
+        registry.register(
+            "dup_checkpoint_remaining_bytes",
+            "checkpoint file bytes the target does not hold yet",
+            m.checkpoint_remaining.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -182,6 +200,12 @@ impl Metrics {
         self.retained.remove(l);
         self.session_failures.remove(l);
         self.leader.remove(l);
+        self.checkpoint_remaining.remove(l);
+        for kind in ["file", "wire", "present"] {
+            let mut k = l.clone();
+            k.push(("kind".into(), kind.into()));
+            self.checkpoint_bytes.remove(&k);
+        }
     }
 
     /// The Prometheus text exposition.

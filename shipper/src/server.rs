@@ -1,5 +1,5 @@
 //! The shipper process: start-up, and the reconcile loop that keeps one partition task per
-//! (table, dup in `DS_LOG`, local partition).
+//! (table, dup in `DS_LOG` or `DS_APP`, local partition).
 //!
 //! Start-up, each stage visible on `/health`: `loading_config` → `connecting_etcd` →
 //! `checking_config` (refuses to start on a mismatch with the cluster's stored config) →
@@ -8,8 +8,8 @@
 //! The reconcile loop reads this node's partitions (`assignments`) and every dup, every
 //! `reconcile_interval` and whenever a dup key changes (an etcd watch), then starts and stops
 //! partition tasks. Paused dups get no task, but their progress, pending mutations and plog
-//! retention are still reported (from etcd and the plog). Full duplication (`DS_PREPARE`,
-//! `DS_APP`) is not implemented here yet: such dups are logged once and left alone.
+//! retention are still reported (from etcd and the plog). A full dup gets its tasks in `DS_APP`
+//! (they send the checkpoint, then ship the log); in `DS_PREPARE` it is only logged.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -207,7 +207,7 @@ pub struct Wanted {
     pub ship: HashMap<Key, (DupInfo, u32)>,
     /// Partitions of paused dups (reported, not shipped).
     pub paused: HashMap<Key, (DupInfo, u32)>,
-    /// Dups in a full-duplication status this shipper leaves alone.
+    /// Full dups still making their checkpoints (`DS_PREPARE`): nothing to send yet.
     pub full: Vec<(String, DupId, DupStatus)>,
 }
 
@@ -222,9 +222,9 @@ pub fn wanted(
             continue;
         };
         let target = match info.status {
-            DupStatus::Log => &mut w.ship,
+            DupStatus::Log | DupStatus::App => &mut w.ship,
             DupStatus::Pause => &mut w.paused,
-            DupStatus::Init | DupStatus::Prepare | DupStatus::App => {
+            DupStatus::Init | DupStatus::Prepare => {
                 w.full.push((table.clone(), *dupid, info.status));
                 continue;
             }
@@ -293,7 +293,7 @@ async fn reconcile(
     let w = wanted(&assignments, &dups);
     for (table, dupid, status) in &w.full {
         if logged_full.insert((table.clone(), *dupid)) {
-            tracing::info!(%table, %dupid, status = status.as_str(), "full duplication (checkpoint transfer) is not implemented in this shipper yet; leaving this dup alone");
+            tracing::info!(%table, %dupid, status = status.as_str(), "full dup: waiting for every partition's checkpoint before sending them (DS_APP)");
         }
     }
 
@@ -536,6 +536,7 @@ mod tests {
                 partition_count: 4,
                 state: TableState::Available,
                 create_timestamp_ms: 1,
+                follower: None,
                 extra: Map::new(),
             },
             partitions: vec![PartitionId(1), PartitionId(3)],

@@ -36,6 +36,10 @@ pub enum State {
     Stopped,
     /// The dup is paused; numbers come from the progress in etcd.
     Paused,
+    /// Full dup (`DS_APP`): sending the partition's checkpoint.
+    Copying,
+    /// Full dup (`DS_APP`): the target staged the checkpoint; waiting for the install.
+    Staged,
 }
 
 /// One partition's entry.
@@ -57,6 +61,8 @@ pub struct Entry {
     pub receiver: Option<String>,
     pub last_error: Option<String>,
     pub retained_bytes: u64,
+    /// Full dup: the checkpoint transfer's progress, once one started.
+    pub checkpoint: Option<ferry_dup::transfer::TransferProgress>,
 }
 
 /// `GET /replica/duplication` rows.
@@ -107,6 +113,7 @@ impl Entry {
             receiver: None,
             last_error: None,
             retained_bytes: 0,
+            checkpoint: None,
         }
     }
 

@@ -1,5 +1,6 @@
-//! The partition task of one (table, dup, partition) in `DS_LOG`: campaign, and while leading,
-//! run sessions one after the other (retrying by fail mode) and persist the confirmed decree to
+//! The partition task of one (table, dup, partition) in `DS_LOG` (or `DS_APP`, where it first
+//! sends the checkpoint: [`crate::checkpoint`]): campaign, and while leading, run sessions one
+//! after the other (retrying by fail mode) and persist the confirmed decree to
 //! etcd every `progress_interval`. Leadership lost → stop shipping at once and campaign again.
 //! FAIL_FAST, or a start decree that GC removed → stop and wait for the operator (a change of
 //! fail mode, or pause/start, begins again).
@@ -7,13 +8,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_meta::status::FailMode as StoredFailMode;
+use ferry_meta::status::{DupStatus, FailMode as StoredFailMode};
 use ferry_meta::{DupInfo, MetaError, MetaStore, Progress};
 use ferry_proto::Decree;
 use serde_json::Map;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::checkpoint;
 use crate::election::{self, Leadership};
 use crate::metrics::labels;
 use crate::server::Shared;
@@ -160,7 +162,17 @@ async fn term(
             _ if cancel.is_cancelled() => TermEnd::Cancelled,
             _ => TermEnd::Lost("the progress writer stopped".into()),
         },
-        end = sessions(shared, key, dup, &ctx_base, &confirmed, &term_cancel) => end,
+        end = async {
+            // A full dup copies the checkpoint first, then ships the log after it.
+            if dup.borrow().status == DupStatus::App {
+                match checkpoint::run(shared, key, dup, ctx_base.0, &term_cancel).await {
+                    None => {}
+                    Some(Ok(())) => return TermEnd::Cancelled,
+                    Some(Err(why)) => return TermEnd::Lost(why),
+                }
+            }
+            sessions(shared, key, dup, &ctx_base, &confirmed, &term_cancel).await
+        } => end,
     };
     term_cancel.cancel();
     if !progress.is_finished() {

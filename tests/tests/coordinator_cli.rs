@@ -311,11 +311,14 @@ fn cli_session_keeps_documented_json_in_etcd() -> Result<()> {
         )
     );
 
-    // Full dup: not built yet, so it is refused with a sentence and nothing is recorded.
-    assert_eq!(
-        refused(c, &["dup", "add", "-t", "early", "-c", "tj", "--full"])?,
-        "error: full duplication (`ferry dup add --full`) is not implemented yet, so the dup was not added; add it without --full to ship the writes made from now on"
+    // Full dup: the remote side must be asked first (its target table must not exist); with
+    // tj's coordinator unreachable it is refused with a sentence and nothing is recorded.
+    let e = refused(c, &["dup", "add", "-t", "early", "-c", "tj", "--full"])?;
+    assert!(
+        e.starts_with("error: cannot check table `early` on cluster tj: cannot reach a coordinator at http://127.0.0.1:1"),
+        "{e}"
     );
+    assert!(e.ends_with("retry when its coordinator answers"), "{e}");
     assert!(
         etcd.get_prefix("/ferry/bj/dups/early")?.is_empty(),
         "a refused full dup leaves nothing in etcd"

@@ -4,8 +4,9 @@
 //! killed with -9 in the middle resumes and publishes nothing twice; removing the dup deletes
 //! the kept checkpoints.
 //!
-//! `ferry dup add --full` still refuses (the transfer is not wired yet), so the dup is recorded
-//! through the metadata API as the coordinator will.
+//! The dup is recorded through the metadata API (tj's table exists here, so `ferry dup add
+//! --full` would refuse it, and the coordinator leaves it in `DS_PREPARE`: the follower table
+//! cannot be created), so the test sees the prepare phase alone.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -31,7 +32,7 @@ async fn meta(etcd: &Etcd) -> Result<MetaStore> {
     Ok(MetaStore::connect(&[etcd.endpoint()], "bj", Duration::from_secs(3)).await?)
 }
 
-/// Records a full dup of `TABLE` to tj, as `ferry dup add --full` will.
+/// Records a full dup of `TABLE` to tj, as `ferry dup add --full` does.
 fn add_full_dup(etcd: &Etcd) -> Result<DupId> {
     runtime()?.block_on(async {
         let m = meta(etcd).await?;

@@ -267,6 +267,7 @@ fn hello(cluster_id: u8, table: &str, sp: u32, token: u64) -> Frame {
         table: table.into(),
         partition: PartitionId(sp),
         fencing_token: token,
+        purpose: wire::Purpose::Log,
     })
 }
 

@@ -146,10 +146,13 @@ fn lost(meta: &MetaStore, end: Result<LeaseEnd, tokio::task::JoinError>) -> Meta
 }
 
 /// What the leader does besides answering the API: place the partitions of tables still
-/// `creating` on the registered nodes, and refresh the gauges. Returns only when the election
+/// `creating` on the registered nodes, move full dups along ([`super::full`]), and refresh
+/// the gauges. Returns only when the election
 /// key is gone (the fence failed): another coordinator leads, or an operator deleted the key.
 async fn leader_duties(shared: &Arc<Shared>, meta: &MetaStore) -> MetaError {
     let every = shared.config.coordinator.reconcile_interval;
+    let mut stalls = super::full::Stalls::default();
+    let mut last_error: Option<String> = None;
     loop {
         let step = async {
             if !meta.fence_holds().await? {
@@ -164,6 +167,7 @@ async fn leader_duties(shared: &Arc<Shared>, meta: &MetaStore) -> MetaError {
             if placed > 0 {
                 tracing::info!(tables = placed, nodes = nodes.len(), "placed partitions");
             }
+            super::full::advance(&shared.config, &shared.metrics, meta, &mut stalls).await?;
             let tables = meta.list_tables().await?;
             shared.metrics.tables.set(tables.len() as i64);
             let dups = meta.all_dups().await?;
@@ -178,9 +182,19 @@ async fn leader_duties(shared: &Arc<Shared>, meta: &MetaStore) -> MetaError {
             Ok::<(), MetaError>(())
         };
         match step.await {
-            Ok(()) => shared.etcd_status(None),
+            Ok(()) => {
+                shared.etcd_status(None);
+                last_error = None;
+            }
             Err(MetaError::FenceLost) => return MetaError::FenceLost,
-            Err(e) => shared.etcd_status(Some(&e)),
+            Err(e) => {
+                let text = e.to_string();
+                if last_error.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(error = %text, "the leader's reconcile round failed; retrying");
+                    last_error = Some(text);
+                }
+                shared.etcd_status(Some(&e));
+            }
         }
         debug_assert!(shared.stage() >= Stage::Campaigning);
         tokio::time::sleep(every).await;

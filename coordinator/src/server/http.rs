@@ -21,9 +21,9 @@ use ferry_proto::DupId;
 
 use super::{election, Shared};
 use ferry_admin::api::{
-    AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, HealthView, PartitionReceiver,
-    PegasusAppDuplication, PegasusDup, SetFailMode, SetTableState, StatusView, TableDetail,
-    TableReceivers, TableView,
+    AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, FollowTable, HealthView,
+    InstallComplete, PartitionReceiver, PegasusAppDuplication, PegasusDup, SetFailMode,
+    SetTableState, StatusView, TableDetail, TableReceivers, TableView,
 };
 use ferry_meta::dups::DupPolicy;
 use ferry_meta::status::{DupEvent, FailMode};
@@ -59,6 +59,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tables/{table}", get(describe_table).delete(drop_table))
         .route("/v1/tables/{table}/state", put(set_table_state))
         .route("/v1/tables/{table}/receivers", get(table_receivers))
+        .route("/v1/tables/{table}/follow", post(follow_table))
+        .route(
+            "/v1/tables/{table}/install_complete",
+            post(install_complete),
+        )
         .route("/v1/tables/{table}/dups", get(list_dups).post(add_dup))
         .route(
             "/v1/tables/{table}/dups/{dupid}",
@@ -88,7 +93,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             message: message.into(),
@@ -345,16 +350,66 @@ async fn create_table(
     Json(req): Json<CreateTable>,
 ) -> ApiResult<TableDetail> {
     let meta = leader(&shared)?;
-    let nodes: Vec<String> = list_nodes(&meta)
-        .await?
-        .into_iter()
-        .map(|n| n.name)
-        .collect();
+    let nodes = node_names(&meta).await?;
     let desc = meta
         .create_table(&req.name, req.partitions, &nodes, now_ms())
         .await?;
     tracing::info!(table = %req.name, partitions = req.partitions, nodes = nodes.len(), "created table");
     Ok(Json(desc))
+}
+
+/// The registered nodes' names, where new tables are placed.
+async fn node_names(meta: &MetaStore) -> Result<Vec<String>, MetaError> {
+    Ok(list_nodes(meta).await?.into_iter().map(|n| n.name).collect())
+}
+
+/// Another cluster's coordinator creates the target table of its full dup here.
+async fn follow_table(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<FollowTable>,
+) -> ApiResult<TableDetail> {
+    let meta = leader(&shared)?;
+    let group = &shared.config.cluster.duplication_group;
+    let f = &req.follower;
+    if group.get(&f.source_cluster) != Some(&f.source_cluster_id)
+        || f.source_cluster == shared.config.cluster.name
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "cluster {} (id {}) is not another cluster of this duplication group; it cannot \
+                 create a follower table here",
+                f.source_cluster, f.source_cluster_id
+            ),
+        ));
+    }
+    let nodes = node_names(&meta).await?;
+    let desc = meta
+        .create_follower_table(&table, req.partitions, f.clone(), &nodes, now_ms())
+        .await?;
+    tracing::info!(%table, partitions = req.partitions, source = %f.source_cluster,
+        dupid = %f.dupid, "follower table for a full duplication");
+    Ok(Json(desc))
+}
+
+/// The source's coordinator reports that its full dup caught up: the install-complete event on
+/// this (the target) side.
+async fn install_complete(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<InstallComplete>,
+) -> ApiResult<TableDetail> {
+    let meta = leader(&shared)?;
+    let marked = meta
+        .mark_install_complete(&table, &req.source_cluster, req.dupid, now_ms())
+        .await?;
+    for p in &marked {
+        tracing::info!(%table, partition = p.0, source = %req.source_cluster, dupid = %req.dupid,
+            "install complete: the partition installed the checkpoints and caught up with the log");
+    }
+    shared.metrics.install_complete("target", marked.len());
+    Ok(Json(meta.describe_table(&table).await?))
 }
 
 async fn describe_table(
@@ -441,9 +496,6 @@ async fn list_dups(
     ))
 }
 
-/// The refusal of `ferry dup add --full` until full duplication is built.
-pub const FULL_DUP_NOT_BUILT: &str = "full duplication (`ferry dup add --full`) is not implemented yet, so the dup was not added; add it without --full to ship the writes made from now on";
-
 async fn add_dup(
     State(shared): State<Arc<Shared>>,
     Path(table): Path<String>,
@@ -461,16 +513,31 @@ async fn add_dup(
             .collect(),
         remote_clusters: cfg.remote_clusters.keys().map(String::as_str).collect(),
     };
-    if req.full {
-        // Nothing advances a dup out of DS_PREPARE yet, so recording one would leave it there.
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            FULL_DUP_NOT_BUILT,
-        ));
-    }
-    let mode = DupMode::Incremental;
+    let mut extra = serde_json::Map::new();
+    let mode = if req.full {
+        policy.check_remote(&table, &req.remote)?;
+        super::full::check_remote_table_absent(cfg, &req.remote, &table).await?;
+        if let Some(n) = req.remote_partitions {
+            if !(1..=ferry_meta::tables::MAX_PARTITIONS).contains(&n) {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "--remote-partitions must be 1 to {}, not {n}",
+                        ferry_meta::tables::MAX_PARTITIONS
+                    ),
+                ));
+            }
+            extra.insert("remote_partitions".into(), n.into());
+        }
+        if let Some(r) = req.rate_bytes.filter(|r| *r > 0) {
+            extra.insert("checkpoint_rate_bytes".into(), r.into());
+        }
+        DupMode::Full
+    } else {
+        DupMode::Incremental
+    };
     let (dupid, info) = meta
-        .add_dup(&table, &req.remote, mode, &policy, now_ms())
+        .add_dup_with(&table, &req.remote, mode, &policy, extra, now_ms())
         .await?;
     tracing::info!(%table, %dupid, remote = %req.remote, %mode, status = %info.status, "added dup");
     Ok(Json(DupView { dupid, table, info }))

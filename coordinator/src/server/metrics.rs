@@ -23,6 +23,9 @@ pub struct Metrics {
     pub tables: Gauge,
     /// Dups in the cluster by status (leader only; refreshed by the reconcile loop).
     pub dups: Family<Labels, Gauge>,
+    /// Install-complete events of full dups, by `side`: `source` (one per source partition),
+    /// `target` (one per target partition).
+    pub install_complete: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -36,6 +39,7 @@ impl Metrics {
             admin_requests: Family::default(),
             tables: Gauge::default(),
             dups: Family::default(),
+            install_complete: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -68,6 +72,11 @@ impl Metrics {
             "duplications in the cluster by status",
             m.dups.clone(),
         );
+        registry.register(
+            "coordinator_install_complete",
+            "install-complete events of full dups: source partitions (side=source) and target partitions (side=target)",
+            m.install_complete.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -83,5 +92,14 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Counts install-complete events on one side.
+    pub fn install_complete(&self, side: &str, n: usize) {
+        self.install_complete
+            .get_or_create(&vec![("side".into(), side.into())])
+            .inc_by(n as u64);
     }
 }

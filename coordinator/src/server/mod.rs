@@ -10,6 +10,7 @@
 //! steps down before the lease can have expired.
 
 pub mod election;
+pub mod full;
 pub mod http;
 pub mod metrics;
 

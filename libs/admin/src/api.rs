@@ -8,6 +8,8 @@
 //! | POST | `/v1/tables` | [`CreateTable`] | [`TableDetail`] |
 //! | GET | `/v1/tables/{table}` | | [`TableDetail`] |
 //! | GET | `/v1/tables/{table}/receivers` | | [`TableReceivers`] (asked by remote shippers) |
+//! | POST | `/v1/tables/{table}/follow` | [`FollowTable`] | [`TableDetail`] (asked by a remote coordinator: create the target of its full dup) |
+//! | POST | `/v1/tables/{table}/install_complete` | [`InstallComplete`] | [`TableDetail`] (asked by a remote coordinator: its full dup caught up) |
 //! | DELETE | `/v1/tables/{table}` | | [`TableView`] |
 //! | PUT | `/v1/tables/{table}/state` | [`SetTableState`] | [`TableView`] |
 //! | GET | `/v1/tables/{table}/dups` | | `[`[`DupView`]`]` |
@@ -47,6 +49,32 @@ pub struct AddDup {
     /// Full duplication (checkpoint first).
     #[serde(default)]
     pub full: bool,
+    /// Full duplication: the partition count of the table the remote cluster creates (default:
+    /// the source table's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_partitions: Option<u32>,
+    /// Full duplication: the checkpoint transfer's bandwidth limit, bytes per second on the
+    /// wire (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_bytes: Option<u64>,
+}
+
+/// `POST /v1/tables/{table}/install_complete`: the source's coordinator tells the target's that
+/// every source partition caught up with the log after the install.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallComplete {
+    pub source_cluster: String,
+    pub dupid: DupId,
+}
+
+/// `POST /v1/tables/{table}/follow`: one coordinator asks another to create the target table of
+/// its full duplication.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FollowTable {
+    /// The target table's partition count.
+    pub partitions: u32,
+    /// Where it is filled from.
+    pub follower: ferry_meta::Follower,
 }
 
 /// `PUT /v1/tables/{table}/state`.

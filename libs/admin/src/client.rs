@@ -21,6 +21,9 @@ pub enum ClientError {
     /// The coordinator refused; its sentence.
     #[error("{0}")]
     Api(String),
+    /// The coordinator refused with 404: no such table or dup there; its sentence.
+    #[error("{0}")]
+    NotFound(String),
     /// The answer was not what this CLI understands.
     #[error("the coordinator at {addr} gave an answer this ferry cannot read ({reason}); are the CLI and the coordinator the same version?")]
     BadAnswer {
@@ -135,6 +138,7 @@ impl AdminClient {
                 });
             }
             return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) if status == reqwest::StatusCode::NOT_FOUND => ClientError::NotFound(b.error),
                 Ok(b) => ClientError::Api(b.error),
                 Err(_) => ClientError::Api(format!(
                     "the coordinator at {base} refused the request ({status}: {})",

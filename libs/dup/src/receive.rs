@@ -940,6 +940,7 @@ mod tests {
             table: "users".into(),
             partition: PartitionId(0),
             fencing_token: 3,
+            purpose: wire::Purpose::Log,
         }
     }
 

@@ -675,6 +675,7 @@ impl ShipSession {
                     table: self.id.table.clone(),
                     partition: self.id.partition,
                     fencing_token: self.id.fencing_token,
+                    purpose: wire::Purpose::Log,
                 })));
             }
         }

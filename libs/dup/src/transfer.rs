@@ -68,7 +68,7 @@ pub enum SendEvent {
     },
     /// Send this frame on stream `lane`, after what was sent there before.
     Send { lane: usize, frame: Frame },
-    /// Every file is announced: send this on lane 0 and wait for the receiver's `Installed`.
+    /// Every file is announced: send this on lane 0 and wait for the receiver's `Staged`.
     Done(wire::CheckpointDone),
 }
 

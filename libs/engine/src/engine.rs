@@ -17,7 +17,7 @@ use rocksdb::{DBPinnableSlice, Direction, IteratorMode, Options, WriteBatch, Wri
 use crate::clock;
 use crate::error::StoreError;
 
-const DATA: u8 = b'd';
+pub(crate) const DATA: u8 = b'd';
 const META_APPLIED: &[u8] = b"mapplied_decree";
 const META_CLOCK: &[u8] = b"mclock_us";
 const META_DUP_PREFIX: &[u8] = b"mdup/";
@@ -158,6 +158,15 @@ impl Engine {
             .map_err(|e| StoreError::rocks("checkpoint", &self.dir, e))?;
         cp.create_checkpoint(dir)
             .map_err(|e| StoreError::rocks("create checkpoint", &self.dir, e))
+    }
+
+    /// Ingests an SST file written in this key layout (moved into the database, not copied).
+    pub fn ingest(&self, sst: &Path) -> Result<(), StoreError> {
+        let mut opts = rocksdb::IngestExternalFileOptions::default();
+        opts.set_move_files(true);
+        self.db
+            .ingest_external_file_opts(&opts, vec![sst])
+            .map_err(|e| StoreError::rocks("ingest sst", &self.dir, e))
     }
 
     /// Runs a full manual compaction (tests use it to check the tombstone filter).

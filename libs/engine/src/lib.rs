@@ -3,6 +3,7 @@
 //! - [`partition`]: one RocksDB instance plus one plog, with group commit and last-writer-wins.
 //! - [`engine`]: the RocksDB specifics (key layout, meta keys, tombstone filter).
 //! - [`checkpoint`]: checkpoints with a verified manifest.
+//! - [`install`]: a follower partition built from the source's checkpoints (full duplication).
 //! - [`inbox`]: applying the duplicated writes a receiver made durable in an inbox.
 //! - [`table`]: P partitions routed by the stable key hash.
 //! - [`clock`]: the hybrid clock that stamps writes.
@@ -15,6 +16,7 @@ pub mod clock;
 pub mod engine;
 pub mod error;
 pub mod inbox;
+pub mod install;
 pub mod partition;
 pub mod table;
 

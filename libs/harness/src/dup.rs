@@ -74,7 +74,27 @@ impl TwoClusters {
         node_toml: &str,
     ) -> Result<TwoClusters> {
         let etcd = Etcd::start()?;
-        TwoClusters::start_on(etcd, None, table, bj_partitions, tj_partitions, node_toml)
+        TwoClusters::start_on(
+            etcd,
+            None,
+            table,
+            bj_partitions,
+            tj_partitions,
+            node_toml,
+            true,
+        )
+    }
+
+    /// For a full duplication: the table is created on bj only (bj's node serves when this
+    /// returns); tj's node, configured for `tj_partitions`, waits for the follower table the
+    /// dup creates.
+    pub fn start_source_only(
+        table: &str,
+        bj_partitions: u32,
+        tj_partitions: u32,
+    ) -> Result<TwoClusters> {
+        let etcd = Etcd::start()?;
+        TwoClusters::start_on(etcd, None, table, bj_partitions, tj_partitions, "", false)
     }
 
     /// bj here, tj across `wan` (inside its namespace, with its own etcd there): every packet
@@ -87,11 +107,19 @@ impl TwoClusters {
     ) -> Result<TwoClusters> {
         let etcd = Etcd::start_in(&wan.near())?;
         let tj_etcd = Etcd::start_in(&wan.far())?;
-        TwoClusters::start_on(etcd, Some(tj_etcd), table, bj_partitions, tj_partitions, "")
+        TwoClusters::start_on(
+            etcd,
+            Some(tj_etcd),
+            table,
+            bj_partitions,
+            tj_partitions,
+            "",
+            true,
+        )
     }
 
     /// Starts bj with `etcd` and tj with `tj_etcd` (or the same one), each cluster where its
-    /// etcd runs, and creates the table on both.
+    /// etcd runs, and creates the table on bj, and on tj too if `on_tj`.
     fn start_on(
         etcd: Etcd,
         tj_etcd: Option<Etcd>,
@@ -99,6 +127,7 @@ impl TwoClusters {
         bj_partitions: u32,
         tj_partitions: u32,
         node_toml: &str,
+        on_tj: bool,
     ) -> Result<TwoClusters> {
         let dir = tempfile::tempdir()?;
         let certs = dir.path().join("certs");
@@ -133,7 +162,11 @@ impl TwoClusters {
         };
         let mut bj = start(&etcd, "bj", 1, bj_addr, tj_addr, bj_partitions)?;
         let mut tj = start(tj_side, "tj", 2, tj_addr, bj_addr, tj_partitions)?;
-        for c in [&mut bj, &mut tj] {
+        let mut clusters = vec![&mut bj];
+        if on_tj {
+            clusters.push(&mut tj);
+        }
+        for c in &mut clusters {
             c.ferry_ok(&[
                 "table",
                 "create",
@@ -142,7 +175,7 @@ impl TwoClusters {
                 &c.node.spec.partitions.to_string(),
             ])?;
         }
-        for c in [&mut bj, &mut tj] {
+        for c in &mut clusters {
             c.node.wait_stage("serving", Duration::from_secs(30))?;
         }
         Ok(TwoClusters {
@@ -351,6 +384,48 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Adds a full dup of `table` to `remote` (with more `ferry dup add` flags); returns its
+    /// dupid.
+    pub fn add_full_dup(&self, table: &str, remote: &str, flags: &[&str]) -> Result<u64> {
+        let mut args = vec!["--json", "dup", "add", "-t", table, "-c", remote, "--full"];
+        args.extend_from_slice(flags);
+        let out = self.ferry_ok(&args)?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("parse dup add --json")?;
+        v["dupid"].as_u64().context("dup add --json has a dupid")
+    }
+
+    /// The status of dup `dupid` of `table` (`DS_LOG`, ...).
+    pub fn dup_status(&self, table: &str, dupid: u64) -> Result<String> {
+        let out = self.ferry_ok(&["--json", "dup", "list", "-t", table])?;
+        let v: serde_json::Value = serde_json::from_str(&out).context("parse dup list --json")?;
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["dupid"].as_u64() == Some(dupid))
+            .and_then(|d| d["status"].as_str().map(str::to_owned))
+            .with_context(|| format!("dup {dupid} is not listed: {v}"))
+    }
+
+    /// Waits (bounded) until dup `dupid` of `table` is in `status`.
+    pub fn wait_dup_status(
+        &self,
+        table: &str,
+        dupid: u64,
+        status: &str,
+        timeout: Duration,
+    ) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            last = self.dup_status(table, dupid)?;
+            if last == status {
+                return Ok(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("dup {dupid} of {table} is {last}, not {status}, after {timeout:?}")
+    }
+
     /// Adds an incremental dup of `table` to `remote`; returns its dupid.
     pub fn add_dup(&self, table: &str, remote: &str) -> Result<u64> {
         let out = self.ferry_ok(&["--json", "dup", "add", "-t", table, "-c", remote])?;
@@ -397,6 +472,21 @@ impl Cluster {
     /// `/metrics`.
     pub fn shipper_metric(&self, name: &str) -> Result<f64> {
         metric(self.shipper_http, name)
+    }
+
+    /// The sum of metric `name`'s samples on the shipper's `/metrics` whose labels include
+    /// `label="value"`.
+    pub fn shipper_metric_where(&self, name: &str, label: &str, value: &str) -> Result<f64> {
+        let (status, text) = http_get(self.shipper_http, "/metrics")?;
+        if status != 200 {
+            bail!("/metrics of the shipper answered {status}: {text}");
+        }
+        Ok(crate::metrics::sum_where(&text, name, label, value))
+    }
+
+    /// Like [`Cluster::shipper_metric`], on the receiver's `/metrics`.
+    pub fn receiver_metric(&self, name: &str) -> Result<f64> {
+        metric(self.receiver_http, name)
     }
 
     /// Like [`Cluster::shipper_metric`], on the node's `/metrics`.

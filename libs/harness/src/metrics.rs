@@ -11,6 +11,21 @@ pub fn sum_samples(text: &str, series: &str) -> f64 {
         .fold(0.0, |sum, v| sum + v)
 }
 
+/// The sum of the samples of metric `name` whose labels include `label="value"`, over every
+/// other label. 0 if none.
+pub fn sum_where(text: &str, name: &str, label: &str, value: &str) -> f64 {
+    let wanted = format!("{label}=\"{value}\"");
+    text.lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(s, _)| {
+            s.split_once('{').is_some_and(|(n, labels)| {
+                n == name && labels.trim_end_matches('}').split(',').any(|l| l == wanted)
+            })
+        })
+        .filter_map(|(_, v)| v.parse::<f64>().ok())
+        .fold(0.0, |sum, v| sum + v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -31,6 +46,19 @@ mod tests {
                 r#"receiver_sessions_rejected_total{reason="unauthorized"}"#
             ),
             3.0
+        );
+        assert_eq!(
+            sum_where(
+                TEXT,
+                "receiver_sessions_rejected_total",
+                "reason",
+                "unauthorized"
+            ),
+            3.0
+        );
+        assert_eq!(
+            sum_where(TEXT, "receiver_sessions_rejected_total", "reason", "x"),
+            0.0
         );
         let none = sum_samples(TEXT, "receiver_batches_total");
         assert!(none == 0.0 && none.is_sign_positive(), "{none}");

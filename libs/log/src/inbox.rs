@@ -52,6 +52,35 @@ pub fn sources(partition_dir: &Path) -> Result<Vec<Source>, LogError> {
     Ok(out)
 }
 
+/// Makes the inbox of `source` in `partition_dir` start after `decree`: what a target partition
+/// installed from a checkpoint at `decree` does, so that shipping resumes right after it and a
+/// batch that would leave a gap is refused. What the inbox held before is deleted. Durable when
+/// it returns.
+pub fn start_after(
+    partition_dir: &Path,
+    source: Source,
+    decree: Decree,
+    segment_bytes: u64,
+) -> Result<(), LogError> {
+    let dir = inbox_dir(partition_dir, source);
+    match fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(LogError::io("clear inbox", &dir, e)),
+    }
+    // An empty first segment named after the next decree: `InboxWriter::open` reads `decree`
+    // as the last one held.
+    drop(PlogWriter::open(&dir, decree.next(), segment_bytes)?);
+    CommittedMarker::open(&dir)?.publish(Committed {
+        decree,
+        commit_time_us: clock::wall_us(),
+    })?;
+    if let Some(parent) = dir.parent() {
+        plog::sync_dir(parent)?;
+    }
+    Ok(())
+}
+
 /// The receiver's end of one source's inbox log.
 pub struct InboxWriter {
     dir: PathBuf,
@@ -172,5 +201,52 @@ impl InboxWriter {
             commit_time_us: clock::wall_us(),
         })?;
         Ok(self.last)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_proto::{Op, Timetag};
+
+    use super::*;
+
+    fn record(cluster: ClusterId, decree: u64) -> PlogRecord {
+        PlogRecord {
+            decree: Decree(decree),
+            timetag: Timetag::new(decree, cluster, false),
+            ops: vec![Op::Put {
+                key: format!("k{decree}").into_bytes(),
+                value: b"v".to_vec(),
+                expire_at_ms: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn an_inbox_started_after_a_checkpoint_resumes_there_and_refuses_gaps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cluster = ClusterId::new(1).expect("valid");
+        let source = Source {
+            cluster,
+            partition: PartitionId(3),
+        };
+        // Whatever was there before is replaced.
+        let mut w = InboxWriter::open(dir.path(), source, 1 << 20).expect("open");
+        w.append(&[record(cluster, 1), record(cluster, 2)])
+            .expect("append");
+        drop(w);
+        start_after(dir.path(), source, Decree(40), 1 << 20).expect("start after 40");
+
+        let mut w = InboxWriter::open(dir.path(), source, 1 << 20).expect("reopen");
+        assert_eq!(w.last_decree(), Decree(40));
+        let err = w
+            .append(&[record(cluster, 42)])
+            .expect_err("a gap after 40");
+        assert!(err.to_string().contains("expects decree 41"), "{err}");
+        assert_eq!(w.append(&[record(cluster, 41)]).expect("41"), Decree(41));
+        let committed = plog::Committed::read(&inbox_dir(dir.path(), source))
+            .expect("read marker")
+            .expect("a marker");
+        assert_eq!(committed.decree, Decree(41));
     }
 }

@@ -9,9 +9,11 @@
 //! ```
 //!
 //! Rules:
-//! - A chunk counts once it is durable: written at its offset and fsynced. What [`Staging::present`]
-//!   reports (size and CRC-32C of every file) is read back from the files at open, so it is what
-//!   a crash left, never more.
+//! - What [`Staging::present`] reports (size and CRC-32C of every file) is read back from the
+//!   files at open, so it is what a crash left, never more; the shipper resumes a file only if
+//!   that prefix's CRC equals its own. So a chunk is not fsynced on its own: a file is fsynced
+//!   when its `FileDone` verifies it, and the checkpoint counts as staged only after every file
+//!   was.
 //! - Chunks of a file come in order: at the file's current size (append) or at 0 (the shipper
 //!   found our prefix differs from its file and starts it again). Anything else is refused.
 //! - Files of another lineage (another source database, a re-created partition) are never mixed
@@ -159,7 +161,7 @@ impl Staging {
             .collect()
     }
 
-    /// Writes `data` (a verified chunk) at `offset` of `file`, durably.
+    /// Writes `data` (a verified chunk) at `offset` of `file` (fsynced by its `FileDone`).
     pub fn write_chunk(
         &mut self,
         file: &str,
@@ -188,7 +190,6 @@ impl Staging {
                 .map_err(|e| LogError::io("truncate staged file", &path, e))?;
         }
         f.write_all_at(data, offset)
-            .and_then(|()| f.sync_data())
             .map_err(|e| LogError::io("write staged file", &path, e))?;
         if new {
             sync_dir(&self.dir.join(DB_DIR))?;
@@ -216,6 +217,10 @@ impl Staging {
         let held = self.files.get(file).copied();
         match held {
             Some(s) if s.size == size && s.crc == crc => {
+                let path = self.dir.join(DB_DIR).join(file);
+                File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| LogError::io("fsync staged file", &path, e))?;
                 self.files
                     .insert(file.to_string(), Staged { done: true, ..s });
                 Ok(())

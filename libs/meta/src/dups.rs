@@ -108,6 +108,20 @@ impl MetaStore {
         policy: &DupPolicy<'_>,
         now_ms: u64,
     ) -> Result<(DupId, DupInfo), MetaError> {
+        self.add_dup_with(table, remote, mode, policy, Map::new(), now_ms)
+            .await
+    }
+
+    /// [`MetaStore::add_dup`] with extra fields stored in the dup (a full dup's options).
+    pub async fn add_dup_with(
+        &self,
+        table: &str,
+        remote: &str,
+        mode: DupMode,
+        policy: &DupPolicy<'_>,
+        extra: Map<String, serde_json::Value>,
+        now_ms: u64,
+    ) -> Result<(DupId, DupInfo), MetaError> {
         known_table(table)?;
         policy.check_remote(table, remote)?;
         let table_key = self.keys().table(table);
@@ -155,7 +169,7 @@ impl MetaStore {
                 fail_mode: FailMode::Slow,
                 mode,
                 remote_table: table.into(),
-                extra: Map::new(),
+                extra: extra.clone(),
             };
             let ok = self
                 .cas(
@@ -296,6 +310,113 @@ impl MetaStore {
             }
         }
         Err(MetaError::Contended { key })
+    }
+
+    /// Every partition's published checkpoint of a full dup, by partition; `None` where the
+    /// node has not published one yet.
+    pub async fn checkpoints(
+        &self,
+        table: &str,
+        dupid: DupId,
+        partition_count: u32,
+    ) -> Result<Vec<Option<DupCheckpoint>>, MetaError> {
+        let mut out = vec![None; partition_count as usize];
+        let prefix = format!("{}checkpoint/", self.keys().dup_subtree(table, dupid));
+        for kv in self.get_prefix(prefix.clone()).await? {
+            let Some(p) = Keys::leaf(kv.key(), &prefix).and_then(|s| s.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            if let Some(slot) = out.get_mut(p) {
+                *slot = Some(decode(&kv)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `DS_APP → DS_LOG` once the target installed the checkpoints: first every partition's
+    /// progress is set to its checkpoint's decree (never backwards), so shipping starts right
+    /// after what the checkpoint holds, then the status moves. A leader that dies between the
+    /// two steps leaves the dup in `DS_APP`, and the next one repeats both.
+    pub async fn start_log_after_checkpoints(
+        &self,
+        table: &str,
+        dupid: DupId,
+        partition_count: u32,
+        now_ms: u64,
+    ) -> Result<DupInfo, MetaError> {
+        let info = self.dup(table, dupid).await?;
+        if info.status != DupStatus::App {
+            return Err(MetaError::IllegalTransition {
+                table: table.into(),
+                dupid,
+                from: info.status,
+                event: DupEvent::Log,
+            });
+        }
+        let checkpoints = self.checkpoints(table, dupid, partition_count).await?;
+        for (p, cp) in checkpoints.iter().enumerate() {
+            let Some(cp) = cp else {
+                return Err(MetaError::Conflict(format!(
+                    "dup {dupid} of table {table} has no checkpoint of partition {p}; it cannot \
+                     start shipping the log"
+                )));
+            };
+            let progress = Progress {
+                confirmed_decree: cp.manifest.decree,
+                last_confirmed_timestamp_ms: cp.made_at_ms,
+                committed_decree: cp.manifest.decree,
+                updated_at_ms: now_ms,
+                last_error: None,
+                extra: Map::new(),
+            };
+            self.advance_progress(table, dupid, PartitionId(p as u32), &progress)
+                .await?;
+        }
+        self.update_dup(table, dupid, |d| {
+            let to =
+                transition(d.status, DupEvent::Log).map_err(|e| MetaError::IllegalTransition {
+                    table: table.into(),
+                    dupid,
+                    from: e.from,
+                    event: e.event,
+                })?;
+            if d.status != to {
+                d.status = to;
+                d.extra.insert("log_started_at_ms".into(), now_ms.into());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets one extra field of a dup (a full dup's bookkeeping, its rate limit).
+    pub async fn update_dup_extra(
+        &self,
+        table: &str,
+        dupid: DupId,
+        field: &str,
+        value: serde_json::Value,
+    ) -> Result<DupInfo, MetaError> {
+        self.update_dup(table, dupid, |d| {
+            d.extra.insert(field.to_owned(), value.clone());
+            Ok(())
+        })
+        .await
+    }
+
+    /// Read-modify-write of a full dup's published checkpoint record (the coordinator's
+    /// catch-up mark and install-complete event). `None` if there is none.
+    pub async fn update_checkpoint(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+        change: impl FnMut(&mut DupCheckpoint) -> Result<(), MetaError>,
+    ) -> Result<Option<DupCheckpoint>, MetaError> {
+        known_table(table)?;
+        self.update_json(&self.keys().checkpoint(table, dupid, p), change)
+            .await
     }
 
     /// A dup's progress on one partition, if a shipper has written any.

@@ -29,6 +29,13 @@ impl Keys {
         }
     }
 
+    /// The cluster's name.
+    pub fn cluster(&self) -> &str {
+        self.root
+            .trim_start_matches("/ferry/")
+            .trim_end_matches('/')
+    }
+
     /// `/ferry/<cluster>/`.
     pub fn root(&self) -> &str {
         &self.root

@@ -38,7 +38,10 @@ pub use registry::{
     list_nodes, list_receivers, register_node, register_receiver, NodeInfo, ReceiverInfo,
     Registration,
 };
-pub use types::{DupCheckpoint, DupInfo, DupMode, PartitionEntry, Progress, TableInfo, TableState};
+pub use types::{
+    DupCheckpoint, DupInfo, DupMode, Follower, Installed, PartitionEntry, Progress, TableInfo,
+    TableState,
+};
 
 /// How many times a compare-and-swap is retried after losing a race before giving up.
 const CAS_ATTEMPTS: usize = 16;

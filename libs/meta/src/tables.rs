@@ -14,8 +14,8 @@ use ferry_proto::PartitionId;
 use crate::config::valid_name;
 use crate::keys::Keys;
 use crate::{
-    decode, encode, known_table, unchanged, MetaError, MetaStore, PartitionEntry, TableInfo,
-    TableState, CAS_ATTEMPTS,
+    decode, encode, known_table, unchanged, Follower, Installed, MetaError, MetaStore,
+    PartitionEntry, TableInfo, TableState, CAS_ATTEMPTS,
 };
 
 /// Largest partition count accepted.
@@ -141,6 +141,65 @@ impl MetaStore {
         nodes: &[String],
         now_ms: u64,
     ) -> Result<TableDescription, MetaError> {
+        self.create_table_with(name, partition_count, None, nodes, now_ms)
+            .await
+    }
+
+    /// Creates the target table of a full duplication: `creating` until every partition has
+    /// installed the source's checkpoints ([`MetaStore::mark_installed`]). Asked again for the
+    /// same duplication, it answers with the table as it is; a table of that name that is not
+    /// this duplication's follower is refused.
+    pub async fn create_follower_table(
+        &self,
+        name: &str,
+        partition_count: u32,
+        follower: Follower,
+        nodes: &[String],
+        now_ms: u64,
+    ) -> Result<TableDescription, MetaError> {
+        match self.table(name).await {
+            Ok(info) if info.follower.as_ref() == Some(&follower) => {
+                self.place_partitions(name, nodes).await?;
+                return self.describe_table(name).await;
+            }
+            Ok(info) => {
+                return Err(MetaError::Conflict(format!(
+                    "cluster {} already has a table `{name}` ({}, {} partitions) that is not the \
+                     target of dup {} from {}; a full duplication creates its own target table, \
+                     so drop that table there first or duplicate into another cluster",
+                    self.keys().cluster(),
+                    info.state,
+                    info.partition_count,
+                    follower.dupid,
+                    follower.source_cluster
+                )))
+            }
+            Err(MetaError::NoSuchTable(_)) => {}
+            Err(e) => return Err(e),
+        }
+        match self
+            .create_table_with(name, partition_count, Some(follower.clone()), nodes, now_ms)
+            .await
+        {
+            // Created concurrently by a retry of the same request.
+            Err(MetaError::TableExists(_)) => match self.table(name).await? {
+                info if info.follower.as_ref() == Some(&follower) => {
+                    self.describe_table(name).await
+                }
+                _ => Err(MetaError::TableExists(name.into())),
+            },
+            other => other,
+        }
+    }
+
+    async fn create_table_with(
+        &self,
+        name: &str,
+        partition_count: u32,
+        follower: Option<Follower>,
+        nodes: &[String],
+        now_ms: u64,
+    ) -> Result<TableDescription, MetaError> {
         if !valid_name(name) {
             return Err(MetaError::Invalid(format!(
                 "table name `{name}` is not valid; use 1 to 64 letters, digits, `.`, `-` or `_`"
@@ -168,6 +227,7 @@ impl MetaStore {
                 partition_count,
                 state: TableState::Creating,
                 create_timestamp_ms: now_ms,
+                follower: follower.clone(),
                 extra: Map::new(),
             };
             let ok = self
@@ -214,6 +274,7 @@ impl MetaStore {
             }
             let entry = PartitionEntry {
                 node,
+                installed: entry.as_ref().and_then(|e| e.installed.clone()),
                 extra: entry.as_ref().map(|e| e.extra.clone()).unwrap_or_default(),
             };
             ops.push(TxnOp::put(
@@ -239,13 +300,100 @@ impl MetaStore {
             return Ok(());
         }
         self.update_table(name, |t| {
-            if t.state == TableState::Creating {
+            // A follower stays creating until its partitions are installed.
+            if t.state == TableState::Creating && t.follower.is_none() {
                 t.state = TableState::Available;
             }
             Ok(())
         })
         .await
         .map(|_| ())
+    }
+
+    /// Records that partition `p` of follower table `name` installed the source's checkpoints,
+    /// and marks the table `available` once every partition has. Idempotent: a partition
+    /// installed already keeps its first record.
+    pub async fn mark_installed(
+        &self,
+        name: &str,
+        p: PartitionId,
+        installed: Installed,
+    ) -> Result<TableDescription, MetaError> {
+        let key = self.keys().partition(name, p);
+        let entry = self
+            .update_json(&key, |e: &mut PartitionEntry| {
+                if e.installed.is_none() {
+                    e.installed = Some(installed.clone());
+                }
+                Ok(())
+            })
+            .await?;
+        if entry.is_none() {
+            return Err(MetaError::Invalid(format!(
+                "table {name} has no partition {p} placed; it cannot be marked installed"
+            )));
+        }
+        let desc = self.describe_table(name).await?;
+        let all = desc
+            .partitions
+            .iter()
+            .all(|e| e.as_ref().is_some_and(|e| e.installed.is_some()));
+        if all && desc.info.state == TableState::Creating {
+            self.update_table(name, |t| {
+                if t.state == TableState::Creating {
+                    t.state = TableState::Available;
+                }
+                Ok(())
+            })
+            .await?;
+            return self.describe_table(name).await;
+        }
+        Ok(desc)
+    }
+
+    /// The install-complete event on a follower table: every installed partition records it
+    /// (once). Returns the partitions newly marked. Refused if the table is not `source`'s
+    /// follower for `dupid`.
+    pub async fn mark_install_complete(
+        &self,
+        name: &str,
+        source_cluster: &str,
+        dupid: ferry_proto::DupId,
+        now_ms: u64,
+    ) -> Result<Vec<PartitionId>, MetaError> {
+        let desc = self.describe_table(name).await?;
+        let ours = desc
+            .info
+            .follower
+            .as_ref()
+            .is_some_and(|f| f.source_cluster == source_cluster && f.dupid == dupid);
+        if !ours {
+            return Err(MetaError::Conflict(format!(
+                "table {name} is not the follower of dup {dupid} from {source_cluster}"
+            )));
+        }
+        let mut marked = Vec::new();
+        for (p, entry) in desc.partitions.iter().enumerate() {
+            let p = PartitionId(p as u32);
+            let Some(e) = entry else { continue };
+            let Some(installed) = &e.installed else {
+                return Err(MetaError::Conflict(format!(
+                    "partition {p} of table {name} is not installed yet; the install is not complete"
+                )));
+            };
+            if installed.complete_at_ms.is_some() {
+                continue;
+            }
+            self.update_json(&self.keys().partition(name, p), |e: &mut PartitionEntry| {
+                if let Some(i) = e.installed.as_mut() {
+                    i.complete_at_ms.get_or_insert(now_ms);
+                }
+                Ok(())
+            })
+            .await?;
+            marked.push(p);
+        }
+        Ok(marked)
     }
 
     /// Places the partitions of every `creating` table; what a new leader runs, and then

@@ -51,9 +51,28 @@ pub struct TableInfo {
     pub state: TableState,
     /// When the table was created, ms since the Unix epoch.
     pub create_timestamp_ms: u64,
+    /// Set on the target of a full duplication: the table is filled from the source's
+    /// checkpoints, and stays `creating` until every partition has installed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follower: Option<Follower>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// What a follower table is filled from: a full duplication of another cluster's table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Follower {
+    /// The source cluster's name and id.
+    pub source_cluster: String,
+    pub source_cluster_id: u8,
+    /// The table there.
+    pub source_table: String,
+    /// The source cluster's dupid.
+    pub dupid: ferry_proto::DupId,
+    /// The source table's partition count (each target partition takes the keys of every
+    /// source partition's checkpoint that hash to it).
+    pub source_partitions: u32,
 }
 
 /// A table's lifecycle state.
@@ -75,9 +94,26 @@ pub enum TableState {
 pub struct PartitionEntry {
     /// The node that hosts the partition; `null` while no node is registered.
     pub node: Option<String>,
+    /// On a follower table: when the node installed the partition from the source's
+    /// checkpoints (ms since the Unix epoch), and each source partition's checkpoint decree
+    /// it holds (its duplication progress from then on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed: Option<Installed>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// A follower partition's install (see [`PartitionEntry::installed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub at_ms: u64,
+    /// Per source partition, in order: the decree of the checkpoint installed.
+    pub decrees: Vec<Decree>,
+    /// The install-complete event (ms since the Unix epoch): every source partition's log
+    /// caught up after the install. The node deletes the staged checkpoints then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub complete_at_ms: Option<u64>,
 }
 
 /// `dups/<table>/<dupid>/checkpoint/<p>`, written once by the source node when it has made the
@@ -93,6 +129,14 @@ pub struct DupCheckpoint {
     pub node: String,
     /// When it was made, ms since the Unix epoch.
     pub made_at_ms: u64,
+    /// Set by the coordinator when log shipping began (`DS_LOG`): the source partition's
+    /// committed decree then. The target has caught up once it confirmed this far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up_to: Option<Decree>,
+    /// The install-complete event (ms since the Unix epoch): the target installed this
+    /// checkpoint and then caught up with the log. The node deletes the kept checkpoint then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_complete_at_ms: Option<u64>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -192,6 +236,7 @@ mod tests {
             partition_count: 4,
             state: TableState::ReadOnly,
             create_timestamp_ms: 5,
+            follower: None,
             extra: Map::new(),
         };
         assert_eq!(

@@ -10,7 +10,8 @@
 //!
 //! type  frame           body
 //!  1    Hello           version: u16 | cluster_id: u8 | dupid: u64 | table: str
-//!                       | partition: u32 | fencing_token: u64
+//!                       | partition: u32 | fencing_token: u64 | purpose: u8
+//!                       [purpose 1: | lineage: str (<= MAX_LINEAGE) | decree: u64]
 //!  2    Welcome         confirmed_decree: u64 | n: u32 (<= MAX_PRESENT_FILES)
 //!                       | n × (name: str | size: u64 | crc32c: u32)
 //!  3    Batch           first_decree: u64 | last_decree: u64 | count: u32 | raw_len: u32
@@ -21,7 +22,7 @@
 //!                       | flags: u8 (bit 0: data is zstd) | data: bytes
 //!  7    FileDone        file: str | size: u64 | crc32c: u32
 //!  8    CheckpointDone  decree: u64 | file_count: u32 | total_bytes: u64
-//!  9    Installed       decree: u64
+//!  9    Staged          decree: u64
 //! 10    Error           code: u16 | message: str
 //! ```
 //!
@@ -48,7 +49,7 @@ use crate::record::{DecodeError, PlogRecord, RECORD_HEADER_LEN};
 
 /// The protocol version a `Hello` carries. A receiver refuses other versions with
 /// [`ErrorCode::UNSUPPORTED_VERSION`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Bytes of the `len | type` frame header.
 pub const FRAME_HEADER_LEN: usize = 5;
 /// Upper bound on a frame body: room for the largest batch (see [`crate::limits`]).
@@ -61,6 +62,8 @@ pub const MAX_MESSAGE: usize = 4096;
 pub const MAX_PRESENT_FILES: usize = 65_536;
 /// Upper bound on the uncompressed bytes of one checkpoint chunk.
 pub const MAX_CHUNK: usize = 4 << 20;
+/// Upper bound on a checkpoint's lineage (the source database's identity).
+pub const MAX_LINEAGE: usize = 256;
 
 /// One protocol message. See the module docs for the layout and `docs/protocol.md` for who
 /// sends what when.
@@ -74,7 +77,7 @@ pub enum Frame {
     Chunk(Chunk),
     FileDone(FileDone),
     CheckpointDone(CheckpointDone),
-    Installed(Installed),
+    Staged(Staged),
     Error(Error),
 }
 
@@ -91,6 +94,22 @@ pub struct Hello {
     /// The revision of the shipper's election for (dup, partition). A receiver refuses a
     /// session whose token is older than the newest it has seen for that partition.
     pub fencing_token: u64,
+    /// What the stream carries.
+    pub purpose: Purpose,
+}
+
+/// What a stream carries, named by its `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purpose {
+    /// Log shipping: `Batch` and `Heartbeat`, answered by `Ack`.
+    Log,
+    /// Lane 0 of a checkpoint transfer (full duplication): the checkpoint at `decree` of the
+    /// source database `lineage`. Answered by a `Welcome` listing what the target has staged;
+    /// carries `Chunk` and `FileDone` frames and, last, `CheckpointDone`, answered by `Staged`.
+    Checkpoint { lineage: String, decree: Decree },
+    /// Another lane of the checkpoint transfer that the same (dup, partition, token) runs on
+    /// lane 0: `Chunk` and `FileDone` frames only, no answer but an `Error`.
+    Lane,
 }
 
 /// Receiver → shipper, the answer to `Hello`: where to resume.
@@ -164,10 +183,11 @@ pub struct CheckpointDone {
     pub total_bytes: u64,
 }
 
-/// Receiver → shipper: the checkpoint at `decree` is verified and installed on the target;
-/// log shipping resumes after `decree`.
+/// Receiver → shipper: every file of the checkpoint at `decree` is verified and durable on the
+/// target. The target installs it once every source partition's is staged; log shipping then
+/// resumes after `decree`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Installed {
+pub struct Staged {
     pub decree: Decree,
 }
 
@@ -338,7 +358,12 @@ impl Frame {
             }
         };
         match self {
-            Frame::Hello(h) => field("table", h.table.len(), MAX_NAME)?,
+            Frame::Hello(h) => {
+                field("table", h.table.len(), MAX_NAME)?;
+                if let Purpose::Checkpoint { lineage, .. } = &h.purpose {
+                    field("lineage", lineage.len(), MAX_LINEAGE)?;
+                }
+            }
             Frame::Welcome(w) => {
                 field("present_files", w.present_files.len(), MAX_PRESENT_FILES)?;
                 for f in &w.present_files {
@@ -355,7 +380,7 @@ impl Frame {
             | Frame::Ack(_)
             | Frame::Heartbeat(_)
             | Frame::CheckpointDone(_)
-            | Frame::Installed(_) => {}
+            | Frame::Staged(_) => {}
         }
         let mut body = Vec::new();
         encode_body(self, &mut body);
@@ -372,7 +397,7 @@ impl Frame {
             Frame::Chunk(_) => T_CHUNK,
             Frame::FileDone(_) => T_FILE_DONE,
             Frame::CheckpointDone(_) => T_CHECKPOINT_DONE,
-            Frame::Installed(_) => T_INSTALLED,
+            Frame::Staged(_) => T_STAGED,
             Frame::Error(_) => T_ERROR,
         }
     }
@@ -396,7 +421,7 @@ frame_from!(
     Chunk,
     FileDone,
     CheckpointDone,
-    Installed,
+    Staged,
     Error
 );
 
@@ -562,10 +587,14 @@ const T_HEARTBEAT: u8 = 5;
 const T_CHUNK: u8 = 6;
 const T_FILE_DONE: u8 = 7;
 const T_CHECKPOINT_DONE: u8 = 8;
-const T_INSTALLED: u8 = 9;
+const T_STAGED: u8 = 9;
 const T_ERROR: u8 = 10;
 
 const CHUNK_FLAG_ZSTD: u8 = 1;
+
+const PURPOSE_LOG: u8 = 0;
+const PURPOSE_CHECKPOINT: u8 = 1;
+const PURPOSE_LANE: u8 = 2;
 
 /// Smallest encoded record: header plus decree, timetag and op count, no ops.
 const MIN_RECORD_LEN: usize = RECORD_HEADER_LEN + 8 + 8 + 4;
@@ -582,7 +611,7 @@ fn type_name(ty: u8) -> &'static str {
         T_CHUNK => "Chunk",
         T_FILE_DONE => "FileDone",
         T_CHECKPOINT_DONE => "CheckpointDone",
-        T_INSTALLED => "Installed",
+        T_STAGED => "Staged",
         T_ERROR => "Error",
         _ => "unknown",
     }
@@ -598,6 +627,15 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) {
             w.bytes(h.table.as_bytes());
             w.u32(h.partition.0);
             w.u64(h.fencing_token);
+            match &h.purpose {
+                Purpose::Log => w.u8(PURPOSE_LOG),
+                Purpose::Checkpoint { lineage, decree } => {
+                    w.u8(PURPOSE_CHECKPOINT);
+                    w.bytes(lineage.as_bytes());
+                    w.u64(decree.0);
+                }
+                Purpose::Lane => w.u8(PURPOSE_LANE),
+            }
         }
         Frame::Welcome(wl) => {
             w.u64(wl.confirmed_decree.0);
@@ -638,7 +676,7 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) {
             w.u32(c.file_count);
             w.u64(c.total_bytes);
         }
-        Frame::Installed(i) => w.u64(i.decree.0),
+        Frame::Staged(i) => w.u64(i.decree.0),
         Frame::Error(e) => {
             w.u16(e.code.0);
             w.bytes(e.message.as_bytes());
@@ -668,6 +706,19 @@ fn decode_body(ty: u8, body: &[u8]) -> Result<Frame, WireError> {
                 table: r.string("table", MAX_NAME)?,
                 partition: PartitionId(r.u32()?),
                 fencing_token: r.u64()?,
+                purpose: match r.u8()? {
+                    PURPOSE_LOG => Purpose::Log,
+                    PURPOSE_CHECKPOINT => Purpose::Checkpoint {
+                        lineage: r.string("lineage", MAX_LINEAGE)?,
+                        decree: Decree(r.u64()?),
+                    },
+                    PURPOSE_LANE => Purpose::Lane,
+                    _ => {
+                        return Err(
+                            r.malformed("purpose is not 0 (log), 1 (checkpoint) or 2 (lane)")
+                        )
+                    }
+                },
             })
         }
         T_WELCOME => {
@@ -742,7 +793,7 @@ fn decode_body(ty: u8, body: &[u8]) -> Result<Frame, WireError> {
             file_count: r.u32()?,
             total_bytes: r.u64()?,
         }),
-        T_INSTALLED => Frame::Installed(Installed {
+        T_STAGED => Frame::Staged(Staged {
             decree: Decree(r.u64()?),
         }),
         T_ERROR => Frame::Error(Error {
@@ -966,16 +1017,25 @@ mod tests {
                 any::<u64>(),
                 name(MAX_NAME),
                 any::<u32>(),
-                any::<u64>()
+                any::<u64>(),
+                prop_oneof![
+                    Just(Purpose::Log),
+                    Just(Purpose::Lane),
+                    (name(MAX_LINEAGE), decree())
+                        .prop_map(|(lineage, decree)| Purpose::Checkpoint { lineage, decree }),
+                ],
             )
-                .prop_map(|(c, d, table, p, fencing_token)| Frame::Hello(Hello {
-                    version: PROTOCOL_VERSION,
-                    cluster_id: ClusterId::new(c).expect("in range"),
-                    dupid: DupId(d),
-                    table,
-                    partition: PartitionId(p),
-                    fencing_token,
-                })),
+                .prop_map(|(c, d, table, p, fencing_token, purpose)| Frame::Hello(
+                    Hello {
+                        version: PROTOCOL_VERSION,
+                        cluster_id: ClusterId::new(c).expect("in range"),
+                        dupid: DupId(d),
+                        table,
+                        partition: PartitionId(p),
+                        fencing_token,
+                        purpose,
+                    }
+                )),
             (decree(), proptest::collection::vec(file(), 0..6)).prop_map(
                 |(confirmed_decree, present_files)| Frame::Welcome(Welcome {
                     confirmed_decree,
@@ -1025,7 +1085,7 @@ mod tests {
                     total_bytes,
                 })
             }),
-            decree().prop_map(|decree| Frame::Installed(Installed { decree })),
+            decree().prop_map(|decree| Frame::Staged(Staged { decree })),
             (any::<u16>(), name(MAX_MESSAGE)).prop_map(|(code, message)| Frame::Error(Error {
                 code: ErrorCode(code),
                 message
@@ -1078,10 +1138,7 @@ mod tests {
             Frame::Chunk(c) => c.file.capacity() + c.data.capacity(),
             Frame::FileDone(f) => f.file.capacity(),
             Frame::Error(e) => e.message.capacity(),
-            Frame::Ack(_)
-            | Frame::Heartbeat(_)
-            | Frame::CheckpointDone(_)
-            | Frame::Installed(_) => 0,
+            Frame::Ack(_) | Frame::Heartbeat(_) | Frame::CheckpointDone(_) | Frame::Staged(_) => 0,
         }
     }
 
@@ -1277,11 +1334,20 @@ mod tests {
             table: "users".into(),
             partition: PartitionId(2),
             fencing_token: 17,
+            purpose: Purpose::Log,
         };
         let mut buf = encoded(&Frame::Hello(hello.clone()));
-        buf[FRAME_HEADER_LEN] = 2;
-        let err = decode(&buf).expect_err("version 2");
-        assert_eq!(err, WireError::UnsupportedVersion { version: 2 });
+        buf[FRAME_HEADER_LEN] = 1;
+        let err = decode(&buf).expect_err("version 1");
+        assert_eq!(err, WireError::UnsupportedVersion { version: 1 });
+
+        let mut buf = encoded(&Frame::Hello(hello.clone()));
+        let last = buf.len() - 1;
+        buf[last] = 7;
+        assert!(
+            matches!(decode(&buf), Err(WireError::Malformed { .. })),
+            "unknown purpose"
+        );
         assert_eq!(err.code(), ErrorCode::UNSUPPORTED_VERSION);
 
         let mut buf = encoded(&Frame::Hello(hello));

@@ -1,0 +1,216 @@
+//! Full duplication end to end on real processes (`ferry dup add --full`): bj holds a table with
+//! data and takes writes during the whole copy; tj has no such table. The dup goes
+//! `DS_PREPARE → DS_APP → DS_LOG`: every bj partition makes a checkpoint, tj's coordinator
+//! creates the follower table, the shipper sends the checkpoints over QUIC, tj's node installs
+//! them (refusing reads with `-LOADING` until then), and the log after each checkpoint follows.
+//! At the end both sides hold exactly the same entries, and every write acknowledged during the
+//! copy is on tj; with equal and with different partition counts.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use ferry_tests::dup::{
+    check_written, metric, set_keys, wait_converged, Cluster, TwoClusters, Writer,
+};
+
+const TABLE: &str = "users";
+
+/// Fills bj, adds the full dup with `flags`, writes during the copy, and checks the result.
+fn full_dup(bj_partitions: u32, tj_partitions: u32, flags: &[&str]) -> Result<()> {
+    let mut w = TwoClusters::start_source_only(TABLE, bj_partitions, tj_partitions)?;
+    let mut con = w.bj.redis()?;
+    // A value large enough that the checkpoint has several SSTs' worth of chunks.
+    set_keys(&mut con, "old", 20_000, &"x".repeat(200))?;
+    let writer = Writer::start(&w.bj, "live-", Duration::from_millis(5))?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let dupid = w.bj.add_full_dup(TABLE, "tj", flags)?;
+    let mut loading = None;
+    let took = {
+        let start = std::time::Instant::now();
+        loop {
+            if start.elapsed() > Duration::from_secs(90) {
+                bail!(
+                    "dup {dupid} is {} after 90 s\n--- bj coordinator\n{}\n--- bj shipper\n{}\n--- tj receiver\n{}\n--- tj node\n{}",
+                    w.bj.dup_status(TABLE, dupid)?,
+                    tail(&w.bj.coordinator.log_text()),
+                    tail(&w.bj.log_text("shipper")),
+                    tail(&w.tj.log_text("receiver")),
+                    tail(&w.tj.node.log_text())
+                );
+            }
+            if loading.is_none() {
+                loading = loading_reply(&w.tj);
+            }
+            if w.bj.dup_status(TABLE, dupid)? == "DS_LOG" {
+                break start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    eprintln!("{bj_partitions} -> {tj_partitions} partitions: DS_LOG after {took:?}");
+    if let Some(l) = &loading {
+        assert!(
+            l.starts_with(
+                "LOADING table users is being filled from a full duplication of bj.users"
+            ),
+            "{l}"
+        );
+    }
+    // Writes go on for a while in DS_LOG, then stop; tj converges to exactly bj's entries.
+    std::thread::sleep(Duration::from_millis(500));
+    let acked = writer.stop()?;
+    assert!(acked > 0);
+    w.tj.node.wait_stage("serving", Duration::from_secs(30))?;
+    let entries = wait_converged(&w.bj, &w.tj, Duration::from_secs(60))?;
+    assert!(
+        entries >= 20_000 + acked,
+        "{entries} entries, {acked} live writes"
+    );
+    check_written(&w.tj, "live-", acked)?;
+    let mut tj = w.tj.redis()?;
+    let v: Option<String> = redis::cmd("GET").arg("old:12345").query(&mut tj)?;
+    assert_eq!(v.as_deref(), Some("x".repeat(200).as_str()));
+
+    // What was sent: every file byte once (no break here), some on the wire compressed.
+    let file =
+        w.bj.shipper_metric_where("dup_checkpoint_bytes_total", "kind", "file")?;
+    let wire =
+        w.bj.shipper_metric_where("dup_checkpoint_bytes_total", "kind", "wire")?;
+    let staged = w.tj.receiver_metric("receiver_checkpoints_staged_total")?;
+    assert_eq!(
+        staged,
+        f64::from(bj_partitions),
+        "every source checkpoint staged once"
+    );
+    let total: u64 = w
+        .etcd
+        .get_prefix(&format!("/ferry/bj/dups/{TABLE}/{dupid}/checkpoint/"))?
+        .iter()
+        .map(|(_, v)| {
+            let cp: ferry_meta::DupCheckpoint = serde_json::from_str(v).context("checkpoint")?;
+            Ok(cp.manifest.total_bytes())
+        })
+        .sum::<Result<u64>>()?;
+    assert_eq!(file, total as f64, "every checkpoint byte was sent once");
+    assert!(wire > 0.0, "wire {wire}");
+    eprintln!("checkpoints of {total} bytes: {file} file bytes sent, {wire} on the wire");
+
+    install_complete(&w, dupid, bj_partitions, tj_partitions)
+}
+
+/// The install-complete event fires once per partition on both sides, only after log shipping
+/// began and the target caught up; then the kept and the staged checkpoints are deleted.
+fn install_complete(
+    w: &TwoClusters,
+    dupid: u64,
+    bj_partitions: u32,
+    tj_partitions: u32,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let source = metric(
+            w.bj.coordinator.addr,
+            "coordinator_install_complete_total{side=\"source\"}",
+        )?;
+        let target = metric(
+            w.tj.coordinator.addr,
+            "coordinator_install_complete_total{side=\"target\"}",
+        )?;
+        if (source, target) == (f64::from(bj_partitions), f64::from(tj_partitions)) {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "install-complete events: {source} on bj, {target} on tj\n{}",
+                tail(&w.bj.coordinator.log_text())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dup: serde_json::Value = serde_json::from_str(
+        &w.etcd
+            .get_prefix(&format!("/ferry/bj/dups/{TABLE}/{dupid}"))?
+            .first()
+            .context("the dup")?
+            .1,
+    )?;
+    let started = dup["log_started_at_ms"]
+        .as_u64()
+        .context("log_started_at_ms")?;
+    for (_, v) in w
+        .etcd
+        .get_prefix(&format!("/ferry/bj/dups/{TABLE}/{dupid}/checkpoint/"))?
+    {
+        let cp: ferry_meta::DupCheckpoint = serde_json::from_str(&v)?;
+        let at = cp
+            .install_complete_at_ms
+            .context("source side event recorded")?;
+        assert!(
+            at >= started,
+            "install complete at {at}, log shipping began at {started}"
+        );
+        assert!(cp.catch_up_to.context("catch-up mark")? >= cp.manifest.decree);
+    }
+    for (_, v) in w
+        .etcd
+        .get_prefix(&format!("/ferry/tj/tables/{TABLE}/partitions/"))?
+    {
+        let e: ferry_meta::PartitionEntry = serde_json::from_str(&v)?;
+        let i = e.installed.context("installed")?;
+        assert!(i.complete_at_ms.context("target side event recorded")? >= i.at_ms);
+    }
+    // The kept checkpoints on bj and the staged ones on tj go away.
+    let bj_data = w.bj.node.data_dir.join(TABLE);
+    let tj_staging = w.tj.node.data_dir.join(TABLE).join(".staging");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let kept = (0..bj_partitions)
+            .filter(|p| {
+                bj_data
+                    .join(format!("{p}/checkpoints/dup-{dupid}"))
+                    .exists()
+            })
+            .count();
+        let staged = std::fs::read_dir(&tj_staging)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        if kept == 0 && staged == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{kept} kept checkpoints on bj and {staged} staged on tj left after the install completed");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// tj's client port answer while the table is not installed, if it is `-LOADING`.
+fn loading_reply(tj: &Cluster) -> Option<String> {
+    let mut con = tj.redis().ok()?;
+    match redis::cmd("GET")
+        .arg("old:1")
+        .query::<Option<String>>(&mut con)
+    {
+        Err(e) if e.code() == Some("LOADING") => {
+            Some(format!("LOADING {}", e.detail().unwrap_or("")))
+        }
+        _ => None,
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+#[test]
+fn full_dup_with_equal_partition_counts_converges_with_writes_during_the_copy() -> Result<()> {
+    full_dup(4, 4, &[]).context("4 -> 4")
+}
+
+#[test]
+fn full_dup_re_splits_eight_partitions_into_three() -> Result<()> {
+    full_dup(8, 3, &["--remote-partitions", "3"]).context("8 -> 3")
+}
