@@ -6,10 +6,24 @@
 # redis-benchmark while showing writes/s, shipped/s and lag, then proves with a per-partition
 # digest that tj holds exactly what bj holds. Everything runs on loopback and is cleaned up.
 #
+#
+# With --full it shows full duplication instead: table `users` exists on bj only and is filled
+# first; `ferry dup add --full --wait` copies its checkpoints to tj (a progress bar, the copy held
+# to 10 MB/s so it can be watched) while redis-benchmark keeps writing into bj; tj's coordinator
+# creates the table, tj's node installs it, the dup reaches DS_LOG, the install-complete event
+# fires on both sides, and the digests prove tj holds exactly bj's content.
+#
 #   scripts/demo.sh                 # 300k writes
 #   DEMO_WRITES=1000000 scripts/demo.sh
+#   scripts/demo.sh --full          # full duplication of an existing table
 set -euo pipefail
 cd "$(dirname "$0")/.."
+full=0
+case "${1:-}" in
+  "") ;;
+  --full) full=1 ;;
+  *) echo "usage: scripts/demo.sh [--full]" >&2; exit 2 ;;
+esac
 scripts/setup.sh
 echo "== building ferry (release; the first build compiles RocksDB and takes a while)"
 cargo build --release --bins
@@ -106,18 +120,34 @@ echo "== starting cluster bj (id 1) and cluster tj (id 2)"
 start_cluster bj 1 tj
 start_cluster tj 2 bj
 
-echo "== creating table users (8 partitions) on both clusters; the nodes open their client ports"
-for c in bj tj; do "$bin/ferry" -C "${coord[$c]}" table create users --partitions 8; done
-for c in bj tj; do wait_for "$c node serving" redis-cli -p "${resp[$c]}" ping; done
+if [ "$full" -eq 0 ]; then
+  echo "== creating table users (8 partitions) on both clusters; the nodes open their client ports"
+  for c in bj tj; do "$bin/ferry" -C "${coord[$c]}" table create users --partitions 8; done
+  for c in bj tj; do wait_for "$c node serving" redis-cli -p "${resp[$c]}" ping; done
 
-echo "== adding an incremental duplication of users from bj to tj"
-"$bin/ferry" -C "${coord[bj]}" dup add -t users -c tj
-sleep 1
+  echo "== adding an incremental duplication of users from bj to tj"
+  "$bin/ferry" -C "${coord[bj]}" dup add -t users -c tj
+  sleep 1
 
-echo "== redis-benchmark: $writes SETs of 100 bytes into bj (50 clients, pipeline 16)"
-redis-benchmark -p "${resp[bj]}" -t set -n "$writes" -r 1000000 -d 100 -c 50 -P 16 -q >"$run/benchmark.out" 2>&1 &
-bench=$!
-pids+=($bench)
+  echo "== redis-benchmark: $writes SETs of 100 bytes into bj (50 clients, pipeline 16)"
+  redis-benchmark -p "${resp[bj]}" -t set -n "$writes" -r 1000000 -d 100 -c 50 -P 16 -q >"$run/benchmark.out" 2>&1 &
+  bench=$!
+  pids+=($bench)
+else
+  echo "== creating table users (8 partitions) on bj only; tj's node waits for it"
+  "$bin/ferry" -C "${coord[bj]}" table create users --partitions 8
+  wait_for "bj node serving" redis-cli -p "${resp[bj]}" ping
+  echo "== filling bj: $writes SETs of 100 bytes (redis-benchmark, 50 clients, pipeline 16)"
+  redis-benchmark -p "${resp[bj]}" -t set -n "$writes" -r 1000000 -d 100 -c 50 -P 16 -q 2>&1 \
+    | tr '\r' '\n' | grep "requests per second" | sed 's/^/   /' || true
+  echo "== bj keeps taking writes (redis-benchmark in the background) while the table is copied"
+  redis-benchmark -p "${resp[bj]}" -t set -n $((writes / 3)) -r 1000000 -d 100 -c 10 -P 4 -q >"$run/benchmark.out" 2>&1 &
+  bench=$!
+  pids+=($bench)
+  echo "== ferry dup add -t users -c tj --full --rate-mb 10 --wait"
+  "$bin/ferry" -C "${coord[bj]}" dup add -t users -c tj --full --rate-mb 10 --wait || fail "the full duplication did not reach DS_LOG"
+  echo "   tj node /health: $(curl -s "http://127.0.0.1:${http[tj]}/health")"
+fi
 node_url="http://127.0.0.1:${http[bj]}"; ship_url="http://127.0.0.1:${shttp[bj]}"
 printf '   %6s  %12s  %12s  %10s  %8s\n' second "writes/s" "shipped/s" pending "lag ms"
 w0=$(metric "$node_url" ferry_node_writes_total); s0=$(metric "$ship_url" dup_shipped_ops_total)
@@ -133,6 +163,13 @@ while [ $t -lt 600 ]; do
 done
 tr '\r' '\n' <"$run/benchmark.out" | grep "requests per second" | sed 's/^/   redis-benchmark: /' || true
 
+if [ "$full" -eq 1 ]; then
+  echo "== the install-complete event, as each side's coordinator logged it"
+  wait_for "install complete on tj" grep -q "install complete" "$run/tj-coordinator.log"
+  for c in bj tj; do
+    grep "install complete" "$run/$c-coordinator.log" | sed -e 's/^.*Z  *INFO [^ ]* //' -e "s/^/   $c: /" | head -9
+  done
+fi
 echo "== the dup on bj: ferry dup list, then the shipper's per-partition view (/replica/duplication)"
 "$bin/ferry" -C "${coord[bj]}" dup list -t users
 python3 - "$(curl -s "$ship_url/replica/duplication?appid=1")" <<'EOF'

@@ -9,7 +9,9 @@
 //! lane n: Hello{Lane} (same dup, partition, token) ──▶ Chunk / FileDone ... ──▶ stage
 //! ```
 //!
-//! Chunks are checked against their CRC-32C before they are written; a bad one ends the
+//! Each staged chunk is acknowledged on its stream (`ChunkAck`, the count so far), so a shipper
+//! keeps only a few chunks per lane in flight. Chunks are checked against their CRC-32C before
+//! they are written; a bad one ends the
 //! transfer with `CHECKSUM_MISMATCH`, and the shipper's next session resumes from what is
 //! staged (the `Welcome` reports the size and CRC of every file as read back from disk, and
 //! the shipper compares that prefix with its own, so a resumed file is never corrupt). A file
@@ -193,6 +195,7 @@ impl Session {
         frames: &mut FrameBuffer,
         hello: &Hello,
     ) -> End {
+        let mut chunks = 0u64;
         loop {
             let frame = tokio::select! {
                 f = next_frame(recv, frames, &self.ctx) => f,
@@ -209,9 +212,19 @@ impl Session {
                 }
                 Frame::Error(e) => return End::PeerError(e),
                 other => {
+                    let chunk = matches!(other, Frame::Chunk(_));
                     if let Err((code, message)) = stage_frame(&self.ctx, transfer, other).await {
                         transfer.fail(code, message);
                         return failure_end(transfer);
+                    }
+                    if chunk {
+                        chunks += 1;
+                        if let Err(end) = self
+                            .send_frame(&Frame::ChunkAck(wire::ChunkAck { chunks }))
+                            .await
+                        {
+                            return end;
+                        }
                     }
                 }
             }
@@ -301,6 +314,7 @@ impl Session {
             });
         };
         transfer.lanes.fetch_add(1, Ordering::AcqRel);
+        let mut chunks = 0u64;
         let end = loop {
             let frame = tokio::select! {
                 f = next_frame(&mut recv, &mut frames, &self.ctx) => f,
@@ -309,9 +323,17 @@ impl Session {
             match frame {
                 Ok(Some(Frame::Error(e))) => break End::PeerError(e),
                 Ok(Some(f)) => {
+                    let chunk = matches!(f, Frame::Chunk(_));
                     if let Err((code, message)) = stage_frame(&self.ctx, &transfer, f).await {
                         transfer.fail(code, message.clone());
                         break End::Failed(code, message);
+                    }
+                    if chunk {
+                        chunks += 1;
+                        let ack = Frame::ChunkAck(wire::ChunkAck { chunks });
+                        if let Err(end) = self.send_frame(&ack).await {
+                            break end;
+                        }
                     }
                 }
                 Ok(None) => break End::Clean,

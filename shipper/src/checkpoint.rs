@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quinn::SendStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use ferry_admin::client::AdminClient;
@@ -33,6 +33,10 @@ use crate::metrics::Labels;
 use crate::server::Shared;
 use crate::session::single_receiver;
 use crate::status::{Key, State};
+
+/// Chunks a lane keeps sent but not yet acknowledged (`ChunkAck`): a break makes the shipper
+/// send again at most this many chunks per lane.
+pub const LANE_WINDOW: usize = 4;
 
 /// How a transfer session ended.
 pub enum Outcome {
@@ -233,9 +237,12 @@ async fn session(
 
     // Lane 0 is the stream that has the Welcome; the others open now.
     let (done_tx, mut done_rx) = mpsc::channel::<LaneDone>(64);
+    let (frames_tx, mut lane_frames) = mpsc::channel::<(usize, Result<Frame, String>)>(64);
     let mut lanes: Vec<mpsc::Sender<LaneWork>> = Vec::new();
+    let mut windows: Vec<Arc<Semaphore>> = Vec::new();
+    let mut acked: Vec<u64> = Vec::new();
     let mut lane_tasks = Vec::new();
-    let mut lane_errors = Vec::new();
+    let mut senders = Vec::new();
     let db = dir.join(DB_DIR);
     let level = s.zstd_level;
     let mut send0 = Some(send0);
@@ -250,23 +257,43 @@ async fn session(
                 if let Err(e) = send_frame(&mut send, &hello(Purpose::Lane), "receiver").await {
                     return Outcome::Failed(e.to_string());
                 }
-                lane_errors.push(FrameReader::spawn(recv, "receiver"));
+                lane_tasks.push(tokio::spawn(forward_frames(
+                    lane,
+                    FrameReader::spawn(recv, "receiver"),
+                    frames_tx.clone(),
+                )));
                 send
             }
         };
         let (tx, rx) = mpsc::channel(2);
+        let window = Arc::new(Semaphore::new(LANE_WINDOW));
         lanes.push(tx);
-        lane_tasks.push(tokio::spawn(lane_task(
+        windows.push(window.clone());
+        acked.push(0);
+        senders.push(tokio::spawn(lane_task(
             lane,
             send,
             rx,
+            window,
             done_tx.clone(),
             db.clone(),
             level,
         )));
     }
     drop(done_tx);
-    let _abort = AbortOnDrop(lane_tasks.iter().map(|t| t.abort_handle()).collect());
+    drop(frames_tx);
+    let _abort = AbortOnDrop(
+        lane_tasks
+            .iter()
+            .chain(senders.iter())
+            .map(|t| t.abort_handle())
+            .collect(),
+    );
+    let in_flight = shared
+        .metrics
+        .checkpoint_in_flight
+        .get_or_create(&l)
+        .clone();
 
     let mut last_export = Instant::now();
     let outcome = loop {
@@ -320,10 +347,15 @@ async fn session(
             Some(Err(why)) => break Outcome::Failed(why),
             Some(Ok(done)) => {
                 export(shared, key, sender.progress());
-                break finish(shared, key, lanes, lane_tasks, &mut frames0, done).await;
+                break finish(shared, key, lanes, senders, &mut frames0, done).await;
             }
             None => {}
         }
+        let unacked: usize = windows
+            .iter()
+            .map(|w| LANE_WINDOW - w.available_permits().min(LANE_WINDOW))
+            .sum();
+        in_flight.set(unacked as i64);
         let wake = sender.poll_timeout();
         tokio::select! {
             d = done_rx.recv() => match d {
@@ -334,12 +366,18 @@ async fn session(
                 Some(LaneDone::Failed(why)) => break Outcome::Failed(why),
                 None => break Outcome::Failed("every lane ended".into()),
             },
-            f = frames0.recv() => break match f {
-                Ok(Frame::Error(e)) => refused(&e),
-                Ok(other) => Outcome::Failed(format!("the receiver sent {} during the transfer", other.name())),
-                Err(e) => Outcome::Failed(e.to_string()),
+            f = frames0.recv() => match f {
+                Ok(Frame::ChunkAck(a)) => ack(&windows, &mut acked, 0, a.chunks),
+                Ok(Frame::Error(e)) => break refused(&e),
+                Ok(other) => break Outcome::Failed(format!("the receiver sent {} during the transfer", other.name())),
+                Err(e) => break Outcome::Failed(e.to_string()),
             },
-            e = first_lane_error(&mut lane_errors) => break e,
+            Some((lane, f)) = lane_frames.recv() => match f {
+                Ok(Frame::ChunkAck(a)) => ack(&windows, &mut acked, lane, a.chunks),
+                Ok(Frame::Error(e)) => break refused(&e),
+                Ok(other) => break Outcome::Failed(format!("the receiver sent {} on lane {lane}", other.name())),
+                Err(e) => break Outcome::Failed(e),
+            },
             _ = async { tokio::time::sleep_until(wake.expect("guarded").into()).await }, if wake.is_some() => {}
             r = dup.changed() => {
                 if r.is_err() {
@@ -353,8 +391,43 @@ async fn session(
             }
         }
     };
+    in_flight.set(0);
     export(shared, key, sender.progress());
     outcome
+}
+
+/// A `ChunkAck` of `lane`: its window opens by the chunks newly acknowledged.
+fn ack(windows: &[Arc<Semaphore>], acked: &mut [u64], lane: usize, chunks: u64) {
+    let (Some(w), Some(a)) = (windows.get(lane), acked.get_mut(lane)) else {
+        return;
+    };
+    if chunks > *a {
+        w.add_permits(((chunks - *a) as usize).min(LANE_WINDOW));
+        *a = chunks;
+    }
+}
+
+/// Hands a lane's frames from the receiver (its `ChunkAck`s, an `Error`) to the session.
+async fn forward_frames(
+    lane: usize,
+    mut reader: FrameReader,
+    tx: mpsc::Sender<(usize, Result<Frame, String>)>,
+) {
+    loop {
+        match reader.recv().await {
+            Ok(f) => {
+                if tx.send((lane, Ok(f))).await.is_err() {
+                    return;
+                }
+            }
+            // The receiver closes a lane once the transfer ends; lane 0 decides how it ended.
+            Err(ferry_net::StreamError::Closed { .. }) => return,
+            Err(e) => {
+                let _ = tx.send((lane, Err(e.to_string()))).await;
+                return;
+            }
+        }
+    }
 }
 
 /// After `Done`: the other lanes finish their streams, lane 0 sends `CheckpointDone` last and
@@ -390,7 +463,16 @@ async fn finish(
         .shipper
         .ack_timeout
         .max(Duration::from_secs(60));
-    match tokio::time::timeout(timeout, frames0.recv()).await {
+    let staged = tokio::time::timeout(timeout, async {
+        loop {
+            match frames0.recv().await {
+                Ok(Frame::ChunkAck(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    match staged {
         Ok(Ok(Frame::Staged(s))) if s.decree == done.decree => {
             tracing::info!(table = %key.table, dupid = %key.dupid, partition = key.partition.0,
                 decree = s.decree.0, "checkpoint staged on the target");
@@ -412,6 +494,7 @@ async fn lane_task(
     lane: usize,
     mut send: SendStream,
     mut work: mpsc::Receiver<LaneWork>,
+    window: Arc<Semaphore>,
     done: mpsc::Sender<LaneDone>,
     db: PathBuf,
     level: i32,
@@ -470,6 +553,13 @@ async fn lane_task(
             Frame::Chunk(c) => u64::from(c.len),
             _ => 0,
         };
+        if is_chunk {
+            // At most LANE_WINDOW chunks unacknowledged on this lane.
+            match window.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => return,
+            }
+        }
         let mut buf = Vec::new();
         wire::encode(&frame, &mut buf);
         if let Err(e) = send.write_all(&buf).await {
@@ -494,20 +584,6 @@ async fn lane_task(
     let _ = send.finish();
     // Until the receiver has everything: a dropped stream would lose unacknowledged data.
     let _ = tokio::time::timeout(Duration::from_secs(30), send.stopped()).await;
-}
-
-async fn first_lane_error(lanes: &mut [FrameReader]) -> Outcome {
-    if lanes.is_empty() {
-        return std::future::pending().await;
-    }
-    let (result, _, _) =
-        futures::future::select_all(lanes.iter_mut().map(|r| Box::pin(r.recv()))).await;
-    match result {
-        Ok(Frame::Error(e)) => refused(&e),
-        Ok(other) => Outcome::Failed(format!("the receiver sent {} on a lane", other.name())),
-        // A lane's stream closing is the end of a clean transfer; lane 0 decides.
-        Err(_) => std::future::pending().await,
-    }
 }
 
 fn refused(e: &wire::Error) -> Outcome {

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub checkpoint_bytes: Family<Labels, Counter>,
     /// Checkpoint file bytes the target does not hold yet.
     pub checkpoint_remaining: Family<Labels, Gauge>,
+    /// Checkpoint chunks sent and not yet acknowledged as staged: what a break would send
+    /// again (at most `LANE_WINDOW` per lane).
+    pub checkpoint_in_flight: Family<Labels, Gauge>,
 }
 
 fn lag_histogram() -> Histogram {
@@ -100,6 +103,7 @@ impl Metrics {
             leader: Family::default(),
             checkpoint_bytes: Family::default(),
             checkpoint_remaining: Family::default(),
+            checkpoint_in_flight: Family::default(),
         };
         registry.register(
             "dup_shipped_ops",
@@ -181,6 +185,11 @@ impl Metrics {
             "checkpoint file bytes the target does not hold yet",
             m.checkpoint_remaining.clone(),
         );
+        registry.register(
+            "dup_checkpoint_chunks_in_flight",
+            "checkpoint chunks sent and not yet acknowledged as staged (sent again after a break)",
+            m.checkpoint_in_flight.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -201,6 +210,7 @@ impl Metrics {
         self.session_failures.remove(l);
         self.leader.remove(l);
         self.checkpoint_remaining.remove(l);
+        self.checkpoint_in_flight.remove(l);
         for kind in ["file", "wire", "present"] {
             let mut k = l.clone();
             k.push(("kind".into(), kind.into()));

@@ -214,3 +214,28 @@ fn full_dup_with_equal_partition_counts_converges_with_writes_during_the_copy() 
 fn full_dup_re_splits_eight_partitions_into_three() -> Result<()> {
     full_dup(8, 3, &["--remote-partitions", "3"]).context("8 -> 3")
 }
+
+/// An empty table and a one-key table: nothing waits for a periodic checkpoint or for data, so
+/// both reach `DS_LOG` within seconds (the bound here only keeps the test from hanging; the time
+/// is printed).
+#[test]
+fn an_empty_and_a_one_key_table_reach_ds_log_at_once() -> Result<()> {
+    for keys in [0u32, 1] {
+        let mut w = TwoClusters::start_source_only(TABLE, 4, 4)?;
+        if keys > 0 {
+            let mut con = w.bj.redis()?;
+            set_keys(&mut con, "only", keys, "v")?;
+        }
+        let dupid = w.bj.add_full_dup(TABLE, "tj", &[])?;
+        let took =
+            w.bj.wait_dup_status(TABLE, dupid, "DS_LOG", Duration::from_secs(60))?;
+        eprintln!("{keys} keys: DS_LOG after {took:?}");
+        w.tj.node.wait_stage("serving", Duration::from_secs(30))?;
+        assert_eq!(
+            wait_converged(&w.bj, &w.tj, Duration::from_secs(30))?,
+            u64::from(keys)
+        );
+        install_complete(&w, dupid, 4, 4)?;
+    }
+    Ok(())
+}

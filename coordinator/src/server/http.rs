@@ -360,7 +360,11 @@ async fn create_table(
 
 /// The registered nodes' names, where new tables are placed.
 async fn node_names(meta: &MetaStore) -> Result<Vec<String>, MetaError> {
-    Ok(list_nodes(meta).await?.into_iter().map(|n| n.name).collect())
+    Ok(list_nodes(meta)
+        .await?
+        .into_iter()
+        .map(|n| n.name)
+        .collect())
 }
 
 /// Another cluster's coordinator creates the target table of its full dup here.

@@ -361,6 +361,14 @@ impl Cluster {
         self.start_receiver()
     }
 
+    /// kill -9 of the node, then a restart on the same addresses and data, without waiting.
+    pub fn kill_and_respawn_node(&mut self, etcd: &Etcd) -> Result<()> {
+        self.node.proc.kill9();
+        let (resp, http, spec) = (self.node.resp, self.node.http, self.node.spec.clone());
+        self.node = ClusterNode::spawn_at(etcd, &self.dir, &spec, resp, http)?;
+        Ok(())
+    }
+
     /// kill -9 of the node, then a restart on the same addresses and data; waits until it serves.
     pub fn restart_node(&mut self, etcd: &Etcd) -> Result<()> {
         self.node.proc.kill9();

@@ -24,6 +24,7 @@
 //!  8    CheckpointDone  decree: u64 | file_count: u32 | total_bytes: u64
 //!  9    Staged          decree: u64
 //! 10    Error           code: u16 | message: str
+//! 11    ChunkAck        chunks: u64
 //! ```
 //!
 //! Every integer is little-endian and fixed-width. `version` comes first in `Hello` so that a
@@ -79,6 +80,7 @@ pub enum Frame {
     CheckpointDone(CheckpointDone),
     Staged(Staged),
     Error(Error),
+    ChunkAck(ChunkAck),
 }
 
 /// Shipper → receiver, first frame on every stream: who is shipping what.
@@ -189,6 +191,14 @@ pub struct CheckpointDone {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Staged {
     pub decree: Decree,
+}
+
+/// Receiver → shipper, on a checkpoint lane: the first `chunks` chunks sent on this stream are
+/// verified and staged. A shipper keeps at most a few chunks per lane unacknowledged, so what
+/// a break makes it send again is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkAck {
+    pub chunks: u64,
 }
 
 /// Either direction, last frame of a session: why the sender is ending it.
@@ -380,7 +390,8 @@ impl Frame {
             | Frame::Ack(_)
             | Frame::Heartbeat(_)
             | Frame::CheckpointDone(_)
-            | Frame::Staged(_) => {}
+            | Frame::Staged(_)
+            | Frame::ChunkAck(_) => {}
         }
         let mut body = Vec::new();
         encode_body(self, &mut body);
@@ -399,6 +410,7 @@ impl Frame {
             Frame::CheckpointDone(_) => T_CHECKPOINT_DONE,
             Frame::Staged(_) => T_STAGED,
             Frame::Error(_) => T_ERROR,
+            Frame::ChunkAck(_) => T_CHUNK_ACK,
         }
     }
 }
@@ -422,7 +434,8 @@ frame_from!(
     FileDone,
     CheckpointDone,
     Staged,
-    Error
+    Error,
+    ChunkAck
 );
 
 /// Appends the encoded frame to `out`. The frame must be within the limits (see
@@ -589,6 +602,7 @@ const T_FILE_DONE: u8 = 7;
 const T_CHECKPOINT_DONE: u8 = 8;
 const T_STAGED: u8 = 9;
 const T_ERROR: u8 = 10;
+const T_CHUNK_ACK: u8 = 11;
 
 const CHUNK_FLAG_ZSTD: u8 = 1;
 
@@ -613,6 +627,7 @@ fn type_name(ty: u8) -> &'static str {
         T_CHECKPOINT_DONE => "CheckpointDone",
         T_STAGED => "Staged",
         T_ERROR => "Error",
+        T_CHUNK_ACK => "ChunkAck",
         _ => "unknown",
     }
 }
@@ -677,6 +692,7 @@ fn encode_body(frame: &Frame, out: &mut Vec<u8>) {
             w.u64(c.total_bytes);
         }
         Frame::Staged(i) => w.u64(i.decree.0),
+        Frame::ChunkAck(a) => w.u64(a.chunks),
         Frame::Error(e) => {
             w.u16(e.code.0);
             w.bytes(e.message.as_bytes());
@@ -796,6 +812,7 @@ fn decode_body(ty: u8, body: &[u8]) -> Result<Frame, WireError> {
         T_STAGED => Frame::Staged(Staged {
             decree: Decree(r.u64()?),
         }),
+        T_CHUNK_ACK => Frame::ChunkAck(ChunkAck { chunks: r.u64()? }),
         T_ERROR => Frame::Error(Error {
             code: ErrorCode(r.u16()?),
             message: r.string("message", MAX_MESSAGE)?,
@@ -1086,6 +1103,7 @@ mod tests {
                 })
             }),
             decree().prop_map(|decree| Frame::Staged(Staged { decree })),
+            any::<u64>().prop_map(|chunks| Frame::ChunkAck(ChunkAck { chunks })),
             (any::<u16>(), name(MAX_MESSAGE)).prop_map(|(code, message)| Frame::Error(Error {
                 code: ErrorCode(code),
                 message
@@ -1138,7 +1156,11 @@ mod tests {
             Frame::Chunk(c) => c.file.capacity() + c.data.capacity(),
             Frame::FileDone(f) => f.file.capacity(),
             Frame::Error(e) => e.message.capacity(),
-            Frame::Ack(_) | Frame::Heartbeat(_) | Frame::CheckpointDone(_) | Frame::Staged(_) => 0,
+            Frame::Ack(_)
+            | Frame::Heartbeat(_)
+            | Frame::CheckpointDone(_)
+            | Frame::Staged(_)
+            | Frame::ChunkAck(_) => 0,
         }
     }
 

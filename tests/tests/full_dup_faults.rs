@@ -1,0 +1,133 @@
+//! Full duplication under kill -9, on real processes: while the checkpoints are being copied
+//! (held to 1 MB/s per partition so the copy lasts), the shipper, the receiver and tj's node are
+//! killed with -9 at seeded random moments and restarted. The copy resumes and completes, both
+//! sides converge with the writes made meanwhile, and what the shipper sent again is bounded by
+//! the chunks a transfer keeps in flight (`LANE_WINDOW` per lane, acknowledged by `ChunkAck`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use ferry_tests::dup::{check_written, wait_converged, Cluster, TwoClusters, Writer};
+
+const TABLE: &str = "users";
+const PARTITIONS: u32 = 4;
+const CHUNK: u64 = 64 << 10;
+const LANES: u64 = 2;
+/// `ferry_shipper::checkpoint::LANE_WINDOW`.
+const WINDOW: u64 = 4;
+
+fn file_bytes_sent(c: &Cluster) -> Result<f64> {
+    c.shipper_metric_where("dup_checkpoint_bytes_total", "kind", "file")
+}
+
+#[test]
+fn a_copy_killed_anywhere_resumes_and_resends_at_most_the_chunks_in_flight() -> Result<()> {
+    let seed: u64 = std::env::var("FERRY_FULL_DUP_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("seed {seed} (replay with FERRY_FULL_DUP_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let mut w = TwoClusters::start_source_only(TABLE, PARTITIONS, PARTITIONS)?;
+    w.bj.shipper_toml += &format!("checkpoint_chunk_bytes = {CHUNK}\ncheckpoint_lanes = {LANES}\n");
+    if let Some(mut s) = w.bj.shipper.take() {
+        s.terminate(Duration::from_secs(10));
+    }
+    w.bj.start_shipper()?;
+
+    // Values that do not compress, so the checkpoints hold about 12 MB.
+    let mut con = w.bj.redis()?;
+    for chunk in (0..40_000u32).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let v: String = (0..300).map(|_| rng.random_range('a'..='z')).collect();
+            pipe.cmd("SET").arg(format!("old:{i}")).arg(v).ignore();
+        }
+        pipe.query::<()>(&mut con)?;
+    }
+    let writer = Writer::start(&w.bj, "live-", Duration::from_millis(10))?;
+    let dupid = w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "1"])?;
+
+    // Kill each process at a random moment of the copy, one after the other.
+    let mut sent_by_killed = 0.0;
+    let mut shipper_kills = 0u64;
+    let mut breaks = 0u64;
+    for what in ["shipper", "receiver", "shipper", "node"] {
+        std::thread::sleep(Duration::from_millis(rng.random_range(300..1200)));
+        if w.bj.dup_status(TABLE, dupid)? == "DS_LOG" {
+            println!("the copy ended before the {what} kill");
+            break;
+        }
+        println!("kill -9 of the {what}");
+        match what {
+            "shipper" => {
+                // Read just before the kill: the rate limit keeps what is sent in between to
+                // a few KB.
+                sent_by_killed += file_bytes_sent(&w.bj)?;
+                if let Some(mut s) = w.bj.shipper.take() {
+                    s.kill9();
+                }
+                w.bj.start_shipper()?;
+                shipper_kills += 1;
+            }
+            "receiver" => {
+                if let Some(mut r) = w.tj.receiver.take() {
+                    r.kill9();
+                }
+                w.tj.start_receiver()?;
+            }
+            _ => {
+                let etcd = &w.etcd;
+                w.tj.kill_and_respawn_node(etcd)?;
+            }
+        }
+        breaks += 1;
+    }
+
+    let start = Instant::now();
+    while w.bj.dup_status(TABLE, dupid)? != "DS_LOG" {
+        if start.elapsed() > Duration::from_secs(120) {
+            bail!(
+                "dup {dupid} not in DS_LOG after 120 s (seed {seed})\n--- bj shipper\n{}\n--- tj receiver\n{}",
+                w.bj.log_text("shipper"),
+                w.tj.log_text("receiver")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let acked = writer.stop()?;
+    w.tj.node.wait_stage("serving", Duration::from_secs(60))?;
+    let entries = wait_converged(&w.bj, &w.tj, Duration::from_secs(60))
+        .with_context(|| format!("seed {seed}"))?;
+    assert!(entries >= 40_000 + acked);
+    check_written(&w.tj, "live-", acked)?;
+
+    let total: u64 = w
+        .etcd
+        .get_prefix(&format!("/ferry/bj/dups/{TABLE}/{dupid}/checkpoint/"))?
+        .iter()
+        .map(|(_, v)| {
+            let cp: ferry_meta::DupCheckpoint = serde_json::from_str(v).context("checkpoint")?;
+            Ok(cp.manifest.total_bytes())
+        })
+        .sum::<Result<u64>>()?;
+    let sent = sent_by_killed + file_bytes_sent(&w.bj)?;
+    // Each break can lose, per partition, the chunks its lanes had in flight.
+    let bound = total + breaks * u64::from(PARTITIONS) * LANES * WINDOW * CHUNK;
+    println!(
+        "checkpoints of {total} bytes; {breaks} breaks ({shipper_kills} of the shipper): \
+         {sent} file bytes sent, {:.1}% again (bound {bound})",
+        (sent - total as f64) / total as f64 * 100.0
+    );
+    assert!(sent >= total as f64, "every byte was sent at least once");
+    assert!(
+        sent <= bound as f64,
+        "sent {sent}, bound {bound} (seed {seed})"
+    );
+    Ok(())
+}
