@@ -9,7 +9,7 @@
 #
 # With --full it shows full duplication instead: table `users` exists on bj only and is filled
 # first; `ferry dup add --full --wait` copies its checkpoints to tj (a progress bar, the copy held
-# to 10 MB/s so it can be watched) while redis-benchmark keeps writing into bj; tj's coordinator
+# to 2 MB/s so it can be watched) while redis-benchmark keeps writing into bj; tj's coordinator
 # creates the table, tj's node installs it, the dup reaches DS_LOG, the install-complete event
 # fires on both sides, and the digests prove tj holds exactly bj's content.
 #
@@ -144,8 +144,8 @@ else
   redis-benchmark -p "${resp[bj]}" -t set -n $((writes / 3)) -r 1000000 -d 100 -c 10 -P 4 -q >"$run/benchmark.out" 2>&1 &
   bench=$!
   pids+=($bench)
-  echo "== ferry dup add -t users -c tj --full --rate-mb 10 --wait"
-  "$bin/ferry" -C "${coord[bj]}" dup add -t users -c tj --full --rate-mb 10 --wait || fail "the full duplication did not reach DS_LOG"
+  echo "== ferry dup add -t users -c tj --full --rate-mb 2 --wait   (the copy held to 2 MB/s, to watch it)"
+  "$bin/ferry" -C "${coord[bj]}" dup add -t users -c tj --full --rate-mb 2 --wait || fail "the full duplication did not reach DS_LOG"
   echo "   tj node /health: $(curl -s "http://127.0.0.1:${http[tj]}/health")"
 fi
 node_url="http://127.0.0.1:${http[bj]}"; ship_url="http://127.0.0.1:${shttp[bj]}"

@@ -9,9 +9,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use ferry_admin::api::{
-    AddDup, CreateTable, DupView, SetFailMode, SetTableState, StatusView, TableDetail, TableView,
+    AddDup, CopyView, CreateTable, DupView, SetFailMode, SetTableState, StatusView, TableDetail,
+    TableView,
 };
 use ferry_admin::client::{AdminClient, ClientError};
+use ferry_proto::DupId;
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// ferry's admin CLI: tables and duplications of one cluster.
 #[derive(Debug, Parser)]
@@ -121,6 +124,10 @@ pub enum DupCommand {
         /// With --full: bandwidth limit of the checkpoint copy, in MB/s (10^6 bytes) on the wire.
         #[arg(long, requires = "full")]
         rate_mb: Option<u64>,
+        /// With --full: wait until the dup reaches DS_LOG, showing the copy's progress; exits
+        /// non-zero if the dup is removed first.
+        #[arg(long, requires = "full")]
+        wait: bool,
     },
     /// List a table's duplications.
     List {
@@ -262,6 +269,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
             full,
             remote_partitions,
             rate_mb,
+            wait,
         }) => {
             let d: DupView = client
                 .post(
@@ -274,10 +282,29 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
                     },
                 )
                 .await?;
-            render(json, &d, |d| {
+            let added = render(json, &d, |d| {
                 format!(
                     "added dup {} of table {} to cluster {} ({}, {})\n",
                     d.dupid, d.table, d.info.remote, d.info.mode, d.info.status
+                )
+            })?;
+            if !wait {
+                return Ok(added);
+            }
+            if !json {
+                eprint!("{added}");
+            }
+            let copied = wait_for_log(&client, &table, d.dupid).await?;
+            render(json, &copied, |c| {
+                format!(
+                    "dup {} of table {} is {}: {} checkpoint bytes copied, {} of {} partitions \
+                     installed\n",
+                    c.dupid,
+                    c.table,
+                    c.status,
+                    c.bytes_total,
+                    c.staged,
+                    c.partitions.len()
                 )
             })
         }
@@ -368,6 +395,84 @@ async fn dup_action(
             d.dupid, d.table, d.info.status
         )
     })
+}
+
+/// Polls a full dup's copy until it reaches `DS_LOG`, drawing a progress bar on a terminal (a
+/// line every few seconds otherwise). An error if the dup is removed first.
+async fn wait_for_log(
+    client: &AdminClient,
+    table: &str,
+    dupid: DupId,
+) -> Result<CopyView, ClientError> {
+    use std::io::IsTerminal as _;
+    let tty = std::io::stderr().is_terminal();
+    let bar = if tty {
+        ProgressBar::new(1)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} {elapsed_precise} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let path = format!("/v1/tables/{}/dups/{dupid}/copy", seg(table));
+    let mut failures = 0;
+    let mut last_line: Option<std::time::Instant> = None;
+    loop {
+        let v: CopyView = match client.get(&path).await {
+            Ok(v) => {
+                failures = 0;
+                v
+            }
+            Err(ClientError::NotFound(m)) => {
+                bar.abandon();
+                return Err(ClientError::Api(format!(
+                    "the dup was removed before it reached DS_LOG ({m})"
+                )));
+            }
+            Err(e) if failures < 20 => {
+                failures += 1;
+                bar.set_message(format!("(retrying: {e})"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let msg = format!(
+            "{} · {}/{} checkpoints staged{}",
+            v.status,
+            v.staged,
+            v.partitions.len(),
+            v.waiting
+                .as_deref()
+                .map(|w| format!(" · {w}"))
+                .unwrap_or_default()
+        );
+        bar.set_length(v.bytes_total.max(1));
+        bar.set_position(v.bytes_done.min(v.bytes_total));
+        bar.set_message(msg.clone());
+        if !tty && last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
+            eprintln!("{} of {} bytes copied · {msg}", v.bytes_done, v.bytes_total);
+            last_line = Some(std::time::Instant::now());
+        }
+        match v.status.as_str() {
+            "DS_LOG" | "DS_PAUSE" => {
+                bar.finish();
+                return Ok(v);
+            }
+            "DS_REMOVED" => {
+                bar.abandon();
+                return Err(ClientError::Api(
+                    "the dup was removed before it reached DS_LOG".into(),
+                ));
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 fn render<T: Serialize>(

@@ -84,6 +84,9 @@ pub async fn run(
         match outcome {
             Outcome::Staged => {
                 staged = true;
+                if let Some(p) = shared.board.get(key).and_then(|e| e.checkpoint) {
+                    publish(shared, key, &p, "staged").await;
+                }
                 backoff = Duration::from_millis(200);
                 shared.board.with(key, |e| {
                     e.state = State::Staged;
@@ -169,6 +172,12 @@ async fn session(
             cp.node
         ));
     }
+    let partitions = match shared.meta.table(&key.table).await {
+        Ok(t) => t.partition_count,
+        Err(e) => {
+            return Outcome::Failed(format!("cannot read table {} from etcd: {e}", key.table))
+        }
+    };
     let addr = match receiver(shared, &info).await {
         Ok(a) => a,
         Err(e) => return Outcome::Failed(e),
@@ -221,7 +230,7 @@ async fn session(
     let config = TransferConfig {
         chunk_bytes: s.checkpoint_chunk_bytes,
         lanes: s.checkpoint_lanes,
-        rate: rate_of(&info),
+        rate: rate_of(&info, partitions),
     };
     let now = Instant::now();
     let mut sender = SendCheckpoint::new(cp.manifest.clone(), &welcome.present_files, &config, now);
@@ -339,9 +348,10 @@ async fn session(
                 break;
             }
         }
-        if last_export.elapsed() >= Duration::from_millis(500) {
+        if last_export.elapsed() >= Duration::from_secs(1) {
             last_export = Instant::now();
             export(shared, key, sender.progress());
+            publish(shared, key, sender.progress(), "copying").await;
         }
         match finished {
             Some(Err(why)) => break Outcome::Failed(why),
@@ -387,7 +397,7 @@ async fn session(
                 if info.status != DupStatus::App {
                     break Outcome::Left;
                 }
-                sender.set_rate(rate_of(&info), Instant::now());
+                sender.set_rate(rate_of(&info, partitions), Instant::now());
             }
         }
     };
@@ -530,7 +540,13 @@ async fn lane_task(
                 })
                 .await;
                 match packed {
-                    Ok(Ok(chunk)) => Frame::Chunk(chunk),
+                    Ok(Ok(mut chunk)) => {
+                        // A chunk damaged on the way, for the fault tests.
+                        if fail::eval("checkpoint-chunk-corrupt", |_| ()).is_some() {
+                            chunk.crc32c ^= 1;
+                        }
+                        Frame::Chunk(chunk)
+                    }
                     Ok(Err(e)) => {
                         let _ = done
                             .send(LaneDone::Failed(format!(
@@ -654,12 +670,14 @@ fn prefix_crc(path: &Path, len: u64) -> Result<u32, String> {
     Ok(crc)
 }
 
-/// The dup's bandwidth limit for checkpoint transfers (bytes/s on the wire), if set.
-pub fn rate_of(info: &DupInfo) -> Option<u64> {
+/// One partition's share of the dup's bandwidth limit for checkpoint transfers (bytes/s on the
+/// wire), if one is set: every partition copies at once, so each gets an equal part.
+pub fn rate_of(info: &DupInfo, partitions: u32) -> Option<u64> {
     info.extra
         .get("checkpoint_rate_bytes")
         .and_then(serde_json::Value::as_u64)
         .filter(|r| *r > 0)
+        .map(|r| (r / u64::from(partitions.max(1))).max(1))
 }
 
 fn count_present(shared: &Shared, l: &Labels, p: &TransferProgress) {
@@ -685,6 +703,35 @@ fn export(shared: &Shared, key: &Key, p: &TransferProgress) {
         .get_or_create(&l)
         .set(p.bytes_total.saturating_sub(p.bytes_done) as i64);
     shared.board.with(key, |e| e.checkpoint = Some(p.clone()));
+}
+
+/// Writes the transfer's progress to etcd for `ferry status` and `ferry dup add --wait`. A
+/// failure is only logged: the copy goes on without it.
+async fn publish(shared: &Shared, key: &Key, p: &TransferProgress, state: &str) {
+    let staged = state == "staged";
+    let t = ferry_meta::Transfer {
+        state: state.into(),
+        files_done: if staged { p.files_total } else { p.files_done },
+        files_total: p.files_total,
+        bytes_done: if staged { p.bytes_total } else { p.bytes_done },
+        bytes_total: p.bytes_total,
+        bytes_present: p.bytes_present,
+        rate: p.rate,
+        eta_ms: if staged {
+            Some(0)
+        } else {
+            p.eta().map(|d| d.as_millis() as u64)
+        },
+        updated_at_ms: ferry_meta::now_ms(),
+        extra: Default::default(),
+    };
+    if let Err(e) = shared
+        .meta
+        .put_transfer(&key.table, key.dupid, key.partition, &t)
+        .await
+    {
+        tracing::debug!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, error = %e, "cannot write the transfer progress to etcd");
+    }
 }
 
 /// Aborts the lane tasks when a session ends early.

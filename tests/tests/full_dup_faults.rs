@@ -1,5 +1,5 @@
 //! Full duplication under kill -9, on real processes: while the checkpoints are being copied
-//! (held to 1 MB/s per partition so the copy lasts), the shipper, the receiver and tj's node are
+//! (held to 4 MB/s for the dup, 1 MB/s per partition, so the copy lasts), the shipper, the receiver and tj's node are
 //! killed with -9 at seeded random moments and restarted. The copy resumes and completes, both
 //! sides converge with the writes made meanwhile, and what the shipper sent again is bounded by
 //! the chunks a transfer keeps in flight (`LANE_WINDOW` per lane, acknowledged by `ChunkAck`).
@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use ferry_tests::dup::{check_written, wait_converged, Cluster, TwoClusters, Writer};
+use ferry_tests::dup::{check_written, set_keys, wait_converged, Cluster, TwoClusters, Writer};
+use ferry_tests::etcd::failpoint;
 
 const TABLE: &str = "users";
 const PARTITIONS: u32 = 4;
@@ -50,7 +51,7 @@ fn a_copy_killed_anywhere_resumes_and_resends_at_most_the_chunks_in_flight() -> 
         pipe.query::<()>(&mut con)?;
     }
     let writer = Writer::start(&w.bj, "live-", Duration::from_millis(10))?;
-    let dupid = w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "1"])?;
+    let dupid = w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "4"])?;
 
     // Kill each process at a random moment of the copy, one after the other.
     let mut sent_by_killed = 0.0;
@@ -128,6 +129,40 @@ fn a_copy_killed_anywhere_resumes_and_resends_at_most_the_chunks_in_flight() -> 
     assert!(
         sent <= bound as f64,
         "sent {sent}, bound {bound} (seed {seed})"
+    );
+    Ok(())
+}
+
+/// A chunk damaged on the way (the shipper's `checkpoint-chunk-corrupt` failpoint, once) is
+/// caught by the receiver's CRC-32C check and counted; the transfer ends, the next one resumes
+/// and sends it again, and the copy completes with equal content.
+#[test]
+fn a_corrupt_chunk_is_detected_counted_and_sent_again() -> Result<()> {
+    anyhow::ensure!(
+        cfg!(feature = "failpoints"),
+        "this test needs the failpoints: run it as scripts/test.sh does, with `--features ferry-tests/failpoints`"
+    );
+    let mut w = TwoClusters::start_source_only(TABLE, 2, 2)?;
+    let mut con = w.bj.redis()?;
+    set_keys(&mut con, "k", 5_000, &"v".repeat(100))?;
+    failpoint(
+        w.bj.shipper_http,
+        "checkpoint-chunk-corrupt",
+        Some("1*return"),
+    )?;
+    let dupid = w.bj.add_full_dup(TABLE, "tj", &[])?;
+    w.bj.wait_dup_status(TABLE, dupid, "DS_LOG", Duration::from_secs(60))?;
+    assert_eq!(
+        w.tj.receiver_metric("receiver_checkpoint_chunks_corrupt_total")?,
+        1.0,
+        "the corrupt chunk is counted once"
+    );
+    assert!(w.bj.shipper_metric("dup_session_failures_total")? >= 1.0);
+    assert!(w.bj.log_text("shipper").contains("checksum_mismatch"));
+    w.tj.node.wait_stage("serving", Duration::from_secs(30))?;
+    assert_eq!(
+        wait_converged(&w.bj, &w.tj, Duration::from_secs(30))?,
+        5_000
     );
     Ok(())
 }

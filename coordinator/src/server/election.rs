@@ -168,6 +168,7 @@ async fn leader_duties(shared: &Arc<Shared>, meta: &MetaStore) -> MetaError {
                 tracing::info!(tables = placed, nodes = nodes.len(), "placed partitions");
             }
             super::full::advance(&shared.config, &shared.metrics, meta, &mut stalls).await?;
+            shared.set_stalls(stalls.snapshot());
             let tables = meta.list_tables().await?;
             shared.metrics.tables.set(tables.len() as i64);
             let dups = meta.all_dups().await?;

@@ -35,6 +35,11 @@ use crate::config::CoordinatorConfig;
 pub struct Stalls(HashMap<(String, DupId), String>);
 
 impl Stalls {
+    /// Every dup's current reason.
+    pub fn snapshot(&self) -> HashMap<(String, DupId), String> {
+        self.0.clone()
+    }
+
     fn note(&mut self, table: &str, dupid: DupId, why: Option<String>) {
         let key = (table.to_owned(), dupid);
         match why {

@@ -21,12 +21,12 @@ use ferry_proto::DupId;
 
 use super::{election, Shared};
 use ferry_admin::api::{
-    AddDup, CoordinatorView, CreateTable, DupView, ErrorBody, FollowTable, HealthView,
-    InstallComplete, PartitionReceiver, PegasusAppDuplication, PegasusDup, SetFailMode,
+    AddDup, CoordinatorView, CopyPartition, CopyView, CreateTable, DupView, ErrorBody, FollowTable,
+    HealthView, InstallComplete, PartitionReceiver, PegasusAppDuplication, PegasusDup, SetFailMode,
     SetTableState, StatusView, TableDetail, TableReceivers, TableView,
 };
 use ferry_meta::dups::DupPolicy;
-use ferry_meta::status::{DupEvent, FailMode};
+use ferry_meta::status::{DupEvent, DupStatus, FailMode};
 use ferry_meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore, TableState};
 
 /// Header set on a forwarded request (its value names the standby that forwarded it).
@@ -69,6 +69,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/tables/{table}/dups/{dupid}",
             get(one_dup).delete(remove_dup),
         )
+        .route("/v1/tables/{table}/dups/{dupid}/copy", get(dup_copy))
         .route("/v1/tables/{table}/dups/{dupid}/pause", post(pause_dup))
         .route("/v1/tables/{table}/dups/{dupid}/start", post(start_dup))
         .route(
@@ -557,6 +558,67 @@ async fn one_dup(
         table,
         info,
     }))
+}
+
+/// Where a full dup's copy stands, per partition (for `ferry dup add --full --wait`).
+async fn dup_copy(
+    State(shared): State<Arc<Shared>>,
+    Path((table, dupid)): Path<(String, u64)>,
+) -> ApiResult<CopyView> {
+    let meta = leader(&shared)?;
+    let dupid = DupId(dupid);
+    let info = meta.dup(&table, dupid).await?;
+    if info.mode != DupMode::Full {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("dup {dupid} of table {table} is incremental; it copies no checkpoint"),
+        ));
+    }
+    let count = meta.table(&table).await?.partition_count;
+    let checkpoints = meta.checkpoints(&table, dupid, count).await?;
+    let transfers = meta.transfers(&table, dupid, count).await?;
+    let mut view = CopyView {
+        dupid,
+        table: table.clone(),
+        status: info.status.as_str().into(),
+        waiting: shared.stall(&table, dupid),
+        bytes_done: 0,
+        bytes_total: 0,
+        rate: 0.0,
+        checkpoints: 0,
+        staged: 0,
+        complete: 0,
+        partitions: Vec::new(),
+    };
+    for (p, (cp, t)) in checkpoints.into_iter().zip(transfers).enumerate() {
+        if let Some(cp) = &cp {
+            view.checkpoints += 1;
+            view.bytes_total += cp.manifest.total_bytes();
+            view.complete += u32::from(cp.install_complete_at_ms.is_some());
+        }
+        // Past DS_APP every checkpoint is on the target.
+        let copied = matches!(info.status, DupStatus::Log | DupStatus::Pause);
+        match &t {
+            Some(t) if !copied => {
+                view.bytes_done += t.bytes_done;
+                view.rate += t.rate;
+                view.staged += u32::from(t.state == "staged");
+            }
+            _ if copied => {
+                view.bytes_done += cp.as_ref().map_or(0, |c| c.manifest.total_bytes());
+                view.staged += 1;
+            }
+            _ => {}
+        }
+        view.partitions.push(CopyPartition {
+            partition: p as u32,
+            decree: cp.as_ref().map(|c| c.manifest.decree.0),
+            checkpoint_bytes: cp.as_ref().map(|c| c.manifest.total_bytes()),
+            transfer: t,
+            install_complete_at_ms: cp.and_then(|c| c.install_complete_at_ms),
+        });
+    }
+    Ok(Json(view))
 }
 
 async fn pause_dup(

@@ -71,6 +71,8 @@ struct State {
     /// The fenced handle, while leading.
     leader_meta: Option<MetaStore>,
     etcd_error: Option<String>,
+    /// What each full dup waits for, as the leader's last round found it.
+    stalls: std::collections::HashMap<(String, ferry_proto::DupId), String>,
 }
 
 impl Shared {
@@ -128,6 +130,19 @@ impl Shared {
     }
 
     /// The last etcd error, while etcd is unreachable.
+    /// What full dup (`table`, `dupid`) waits for, if anything.
+    pub fn stall(&self, table: &str, dupid: ferry_proto::DupId) -> Option<String> {
+        self.lock().stalls.get(&(table.to_owned(), dupid)).cloned()
+    }
+
+    /// Records what every full dup waits for (the leader, after each round).
+    pub fn set_stalls(
+        &self,
+        stalls: std::collections::HashMap<(String, ferry_proto::DupId), String>,
+    ) {
+        self.lock().stalls = stalls;
+    }
+
     pub fn etcd_error(&self) -> Option<String> {
         self.lock().etcd_error.clone()
     }

@@ -15,6 +15,7 @@
 //! | GET | `/v1/tables/{table}/dups` | | `[`[`DupView`]`]` |
 //! | POST | `/v1/tables/{table}/dups` | [`AddDup`] | [`DupView`] |
 //! | GET | `/v1/tables/{table}/dups/{dupid}` | | [`DupView`] |
+//! | GET | `/v1/tables/{table}/dups/{dupid}/copy` | | [`CopyView`] (a full dup's copy, per partition) |
 //! | POST | `/v1/tables/{table}/dups/{dupid}/pause` | | [`DupView`] |
 //! | POST | `/v1/tables/{table}/dups/{dupid}/start` | | [`DupView`] |
 //! | PUT | `/v1/tables/{table}/dups/{dupid}/fail_mode` | [`SetFailMode`] | [`DupView`] |
@@ -139,6 +140,44 @@ pub struct DupView {
     /// Stored value.
     #[serde(flatten)]
     pub info: DupInfo,
+}
+
+/// `GET /v1/tables/{table}/dups/{dupid}/copy`: where a full dup's copy stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyView {
+    pub dupid: DupId,
+    pub table: String,
+    /// The dup's status name.
+    pub status: String,
+    /// What the coordinator waits for, if anything (its last stall reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Sums over the partitions with a transfer record.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub rate: f64,
+    /// Partitions whose checkpoint is published, staged on the target, and install complete.
+    pub checkpoints: u32,
+    pub staged: u32,
+    pub complete: u32,
+    pub partitions: Vec<CopyPartition>,
+}
+
+/// One partition in [`CopyView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CopyPartition {
+    pub partition: u32,
+    /// The checkpoint's decree and size, once published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decree: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_bytes: Option<u64>,
+    /// The shipper's last transfer record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<ferry_meta::Transfer>,
+    /// When the install-complete event fired for it (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_complete_at_ms: Option<u64>,
 }
 
 /// `GET /v1/status`.

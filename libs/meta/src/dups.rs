@@ -15,7 +15,7 @@ use crate::keys::Keys;
 use crate::status::{transition, DupEvent, DupStatus, FailMode};
 use crate::{
     decode, encode, known_table, unchanged, DupCheckpoint, DupInfo, DupMode, MetaError, MetaStore,
-    Progress, TableState, CAS_ATTEMPTS,
+    Progress, TableState, Transfer, CAS_ATTEMPTS,
 };
 
 /// What a new dup is checked against: the clusters it may go to.
@@ -417,6 +417,61 @@ impl MetaStore {
         known_table(table)?;
         self.update_json(&self.keys().checkpoint(table, dupid, p), change)
             .await
+    }
+
+    /// Records a partition's checkpoint transfer progress (the shipper, about once a second).
+    /// Fails if the dup was removed meanwhile.
+    pub async fn put_transfer(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+        transfer: &Transfer,
+    ) -> Result<(), MetaError> {
+        known_table(table)?;
+        let ok = self
+            .cas(
+                vec![Compare::version(
+                    self.keys().dup(table, dupid),
+                    CompareOp::Greater,
+                    0,
+                )],
+                vec![TxnOp::put(
+                    self.keys().transfer(table, dupid, p),
+                    encode(transfer),
+                    None,
+                )],
+            )
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(MetaError::NoSuchDup {
+                table: table.into(),
+                dupid,
+            })
+        }
+    }
+
+    /// Every partition's transfer record of a full dup; `None` where none was written.
+    pub async fn transfers(
+        &self,
+        table: &str,
+        dupid: DupId,
+        partition_count: u32,
+    ) -> Result<Vec<Option<Transfer>>, MetaError> {
+        let mut out = vec![None; partition_count as usize];
+        let prefix = format!("{}transfer/", self.keys().dup_subtree(table, dupid));
+        for kv in self.get_prefix(prefix.clone()).await? {
+            let Some(p) = Keys::leaf(kv.key(), &prefix).and_then(|s| s.parse::<usize>().ok())
+            else {
+                continue;
+            };
+            if let Some(slot) = out.get_mut(p) {
+                *slot = Some(decode(&kv)?);
+            }
+        }
+        Ok(out)
     }
 
     /// A dup's progress on one partition, if a shipper has written any.

@@ -101,6 +101,11 @@ impl Keys {
         format!("{}dups/{table}/{dupid}/progress/{p}", self.root)
     }
 
+    /// A full dup's checkpoint transfer progress on one partition (written by its shipper).
+    pub fn transfer(&self, table: &str, dupid: DupId, p: PartitionId) -> String {
+        format!("{}dups/{table}/{dupid}/transfer/{p}", self.root)
+    }
+
     /// A dup's checkpoint on one partition.
     pub fn checkpoint(&self, table: &str, dupid: DupId, p: PartitionId) -> String {
         format!("{}dups/{table}/{dupid}/checkpoint/{p}", self.root)

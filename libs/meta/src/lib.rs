@@ -40,7 +40,7 @@ pub use registry::{
 };
 pub use types::{
     DupCheckpoint, DupInfo, DupMode, Follower, Installed, PartitionEntry, Progress, TableInfo,
-    TableState,
+    TableState, Transfer,
 };
 
 /// How many times a compare-and-swap is retried after losing a race before giving up.

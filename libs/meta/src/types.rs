@@ -142,6 +142,29 @@ pub struct DupCheckpoint {
     pub extra: Map<String, Value>,
 }
 
+/// `dups/<table>/<dupid>/transfer/<p>`: a full dup's checkpoint transfer, as its shipper last
+/// wrote it (about once a second while it copies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// `copying` or `staged` (the target holds the whole checkpoint).
+    pub state: String,
+    pub files_done: u32,
+    pub files_total: u32,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Bytes the target held already when the last transfer started (not sent again).
+    pub bytes_present: u64,
+    /// File bytes per second, smoothed.
+    pub rate: f64,
+    /// Time left at that rate, if it can be told.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+    pub updated_at_ms: u64,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
 /// `dups/<table>/<dupid>/progress/<p>`, written by the shipper that owns the partition.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
