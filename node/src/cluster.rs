@@ -93,52 +93,60 @@ pub async fn join(
         .map_err(|e| anyhow!("{e}"))?;
     tracing::info!(node = %name, lease_ttl_ms = config.lease_ttl.as_millis() as u64, "registered");
 
-    stage.set(Stage::WaitingForTable);
-    let mut said = false;
-    let assignment = loop {
-        match meta.assignments(&name).await {
-            Ok(tables) => {
-                if let Some(a) = tables.into_iter().find(|a| a.table == config.table) {
-                    let count = a.info.partition_count;
-                    if count != config.partitions {
-                        bail!(
+    'table: loop {
+        stage.set(Stage::WaitingForTable);
+        let mut said = false;
+        let assignment = loop {
+            match meta.assignments(&name).await {
+                Ok(tables) => {
+                    if let Some(a) = tables.into_iter().find(|a| a.table == config.table) {
+                        let count = a.info.partition_count;
+                        if count != config.partitions {
+                            bail!(
                             "table `{}` has {count} partitions in etcd but this node's `partitions` \
                              is {}; set partitions = {count} (a table's partition count never changes)",
                             config.table,
                             config.partitions
                         );
-                    }
-                    if a.partitions.len() as u32 == count {
-                        break a;
-                    }
-                    bail!(
+                        }
+                        if a.partitions.len() as u32 == count {
+                            break a;
+                        }
+                        bail!(
                         "table `{}` has {} of its {count} partitions on node `{name}` and the rest on \
                          other nodes; a node serves a whole table in this version, so run one node \
                          per cluster for it",
                         config.table,
                         a.partitions.len()
                     );
-                }
-                if !said {
-                    tracing::info!(table = %config.table, node = %name,
+                    }
+                    if !said {
+                        tracing::info!(table = %config.table, node = %name,
                         "waiting for the table to be created and placed on this node (`ferry table create`)");
-                    said = true;
+                        said = true;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "read the partition table"),
+            }
+            if sleep_or_stop(shutdown).await {
+                registration.deregister().await;
+                return Ok(None);
+            }
+        };
+        // The target of a full duplication opens only once it is filled from the checkpoints.
+        if let (Some(f), TableState::Creating) = (&assignment.info.follower, assignment.info.state)
+        {
+            stage.set(Stage::Installing);
+            match crate::install::until_installed(config, &meta, &assignment, f, shutdown).await? {
+                crate::install::Outcome::Installed => {}
+                crate::install::Outcome::Dropped => continue 'table,
+                crate::install::Outcome::Stopped => {
+                    registration.deregister().await;
+                    return Ok(None);
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "read the partition table"),
         }
-        if sleep_or_stop(shutdown).await {
-            registration.deregister().await;
-            return Ok(None);
-        }
-    };
-    // The target of a full duplication opens only once it is filled from the checkpoints.
-    if let (Some(f), TableState::Creating) = (&assignment.info.follower, assignment.info.state) {
-        stage.set(Stage::Installing);
-        if !crate::install::until_installed(config, &meta, &assignment, f, shutdown).await? {
-            registration.deregister().await;
-            return Ok(None);
-        }
+        break 'table;
     }
     Ok(Some(Member {
         meta,

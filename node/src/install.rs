@@ -32,15 +32,27 @@ use crate::config::NodeConfig;
 /// How often the staging directories and etcd are looked at.
 const POLL: Duration = Duration::from_millis(300);
 
+/// How waiting for a follower table's install ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every partition is installed and the table is `available`: open it.
+    Installed,
+    /// The table was dropped meanwhile (its staged checkpoints are deleted): wait for it again.
+    Dropped,
+    /// Shutdown came first.
+    Stopped,
+}
+
 /// Waits for the staged checkpoints and installs every partition of the follower table `a`
-/// (see the module docs). `Ok(false)` if `shutdown` fired first.
+/// (see the module docs).
 pub async fn until_installed(
     config: &NodeConfig,
     meta: &MetaStore,
     a: &Assignment,
     follower: &Follower,
     shutdown: &CancellationToken,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Outcome> {
+    let mut follower = follower.clone();
     let table = &config.table;
     let cluster = ClusterId::new(follower.source_cluster_id).ok_or_else(|| {
         anyhow!(
@@ -83,7 +95,11 @@ pub async fn until_installed(
                 continue;
             }
             let d = dir.clone();
+            let expected = follower.decrees.get(sp as usize).copied();
             match tokio::task::spawn_blocking(move || ferry_engine::checkpoint::verify(&d)).await? {
+                Ok(m) if expected.is_some_and(|e| e != m.decree) => {
+                    tracing::debug!(partition = sp, staged = m.decree.0, "a staged checkpoint of another decree (an earlier dup's) waits to be replaced");
+                }
                 Ok(m) => {
                     staged.insert(
                         sp,
@@ -97,10 +113,31 @@ pub async fn until_installed(
                 Err(e) => tracing::warn!(error = %e, "a staged checkpoint does not verify yet"),
             }
         }
-        let desc = meta
-            .describe_table(table)
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+        let desc = match meta.describe_table(table).await {
+            Ok(d) => d,
+            Err(ferry_meta::MetaError::NoSuchTable(_)) => {
+                // Dropped before it was installed: what was staged for it is abandoned.
+                let dir = layout.table(table).join(ferry_log::layout::STAGING_DIR);
+                tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                })
+                .await??;
+                tracing::info!(%table, "the follower table was dropped before its install; its staged checkpoints are deleted");
+                return Ok(Outcome::Dropped);
+            }
+            Err(e) => return Err(anyhow!("{e}")),
+        };
+        // Another dup of the same source took the table over: only its checkpoints count.
+        match &desc.info.follower {
+            Some(f) if *f != follower => {
+                tracing::info!(%table, dupid = %f.dupid, "the follower table was taken over by a new dup; installing from its checkpoints");
+                follower = f.clone();
+                staged.clear();
+            }
+            Some(_) => {}
+            None => return Ok(Outcome::Installed),
+        }
         let installed = desc
             .partitions
             .iter()
@@ -126,7 +163,7 @@ pub async fn until_installed(
             );
         }
         if desc.info.state != TableState::Creating {
-            return Ok(true);
+            return Ok(Outcome::Installed);
         }
         if staged.len() as u32 == follower.source_partitions {
             let sources: Vec<SourceCheckpoint> = staged.values().cloned().collect();
@@ -136,7 +173,9 @@ pub async fn until_installed(
                     continue;
                 }
                 let pdir = layout.partition(table, *p);
-                if !install::is_installed(&pdir) {
+                // Built again unless etcd records it: a build of an earlier, removed dup (or
+                // one that crashed before it was recorded) is not trusted.
+                {
                     let (srcs, count, retention, pp) = (
                         sources.clone(),
                         a.info.partition_count,
@@ -171,7 +210,7 @@ pub async fn until_installed(
             }
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return Ok(false),
+            _ = shutdown.cancelled() => return Ok(Outcome::Stopped),
             _ = tokio::time::sleep(POLL) => {}
         }
     }

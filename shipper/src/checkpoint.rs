@@ -235,7 +235,8 @@ async fn session(
     let now = Instant::now();
     let mut sender = SendCheckpoint::new(cp.manifest.clone(), &welcome.present_files, &config, now);
     let l = labels(key);
-    count_present(shared, &l, sender.progress());
+    let mut counted_present = 0;
+    count_present(shared, &l, sender.progress(), &mut counted_present);
     tracing::info!(table = %key.table, dupid = %key.dupid, partition = key.partition.0,
         files = cp.manifest.files.len(), bytes = cp.manifest.total_bytes(),
         bytes_held = sender.progress().bytes_present, receiver = %addr, "sending the checkpoint");
@@ -361,6 +362,7 @@ async fn session(
             }
             None => {}
         }
+        count_present(shared, &l, sender.progress(), &mut counted_present);
         let unacked: usize = windows
             .iter()
             .map(|w| LANE_WINDOW - w.available_permits().min(LANE_WINDOW))
@@ -680,8 +682,13 @@ pub fn rate_of(info: &DupInfo, partitions: u32) -> Option<u64> {
         .map(|r| (r / u64::from(partitions.max(1))).max(1))
 }
 
-fn count_present(shared: &Shared, l: &Labels, p: &TransferProgress) {
-    kind(shared, l, "present").inc_by(p.bytes_present);
+/// Counts the bytes found present on the target since the last call (a resumed file's prefix
+/// is known only once its CRC is compared).
+fn count_present(shared: &Shared, l: &Labels, p: &TransferProgress, counted: &mut u64) {
+    if p.bytes_present > *counted {
+        kind(shared, l, "present").inc_by(p.bytes_present - *counted);
+        *counted = p.bytes_present;
+    }
 }
 
 fn count_sent(shared: &Shared, l: &Labels, wire: u64, file: u64) {

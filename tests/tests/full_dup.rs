@@ -73,29 +73,32 @@ fn full_dup(bj_partitions: u32, tj_partitions: u32, flags: &[&str]) -> Result<()
     let v: Option<String> = redis::cmd("GET").arg("old:12345").query(&mut tj)?;
     assert_eq!(v.as_deref(), Some("x".repeat(200).as_str()));
 
-    // What was sent: every file byte once (no break here), some on the wire compressed.
+    // What was sent: every file byte once, and again at most the chunks in flight at a break
+    // (a session can fail on a loaded machine); some on the wire compressed.
     let file =
-        w.bj.shipper_metric_where("dup_checkpoint_bytes_total", "kind", "file")?;
+        w.bj.shipper_metric_where("dup_checkpoint_bytes_total", &[("kind", "file")])?;
     let wire =
-        w.bj.shipper_metric_where("dup_checkpoint_bytes_total", "kind", "wire")?;
+        w.bj.shipper_metric_where("dup_checkpoint_bytes_total", &[("kind", "wire")])?;
+    let failures = w.bj.shipper_metric("dup_session_failures_total")?;
     let staged = w.tj.receiver_metric("receiver_checkpoints_staged_total")?;
-    assert_eq!(
-        staged,
-        f64::from(bj_partitions),
-        "every source checkpoint staged once"
+    let why = || format!("--- bj shipper\n{}", tail(&w.bj.log_text("shipper")));
+    assert!(
+        staged >= f64::from(bj_partitions) && staged <= f64::from(bj_partitions) + failures,
+        "{staged} checkpoints staged for {bj_partitions} partitions, {failures} failed sessions\n{}",
+        why()
     );
-    let total: u64 = w
-        .etcd
-        .get_prefix(&format!("/ferry/bj/dups/{TABLE}/{dupid}/checkpoint/"))?
-        .iter()
-        .map(|(_, v)| {
-            let cp: ferry_meta::DupCheckpoint = serde_json::from_str(v).context("checkpoint")?;
-            Ok(cp.manifest.total_bytes())
-        })
-        .sum::<Result<u64>>()?;
-    assert_eq!(file, total as f64, "every checkpoint byte was sent once");
+    let total = w.checkpoint_bytes(TABLE, dupid)?;
+    // 4 lanes of at most 4 unacknowledged 1 MiB chunks each (the shipper's defaults).
+    let bound = total as f64 + failures * 16.0 * f64::from(1u32 << 20);
+    assert!(
+        file >= total as f64 && file <= bound,
+        "{file} file bytes sent for {total} bytes of checkpoints, {failures} failed sessions\n{}",
+        why()
+    );
     assert!(wire > 0.0, "wire {wire}");
-    eprintln!("checkpoints of {total} bytes: {file} file bytes sent, {wire} on the wire");
+    eprintln!(
+        "checkpoints of {total} bytes: {file} file bytes sent, {wire} on the wire, {failures} failed sessions"
+    );
 
     install_complete(&w, dupid, bj_partitions, tj_partitions)
 }

@@ -20,8 +20,29 @@ const LANES: u64 = 2;
 /// `ferry_shipper::checkpoint::LANE_WINDOW`.
 const WINDOW: u64 = 4;
 
+/// bj with 40k keys of 300 random letters (about 12 MB of checkpoints: they do not compress),
+/// and a shipper sending small chunks on 2 lanes; tj without the table.
+fn start(rng: &mut StdRng) -> Result<TwoClusters> {
+    let mut w = TwoClusters::start_source_only(TABLE, PARTITIONS, PARTITIONS)?;
+    w.bj.shipper_toml += &format!("checkpoint_chunk_bytes = {CHUNK}\ncheckpoint_lanes = {LANES}\n");
+    if let Some(mut s) = w.bj.shipper.take() {
+        s.terminate(Duration::from_secs(10));
+    }
+    w.bj.start_shipper()?;
+    let mut con = w.bj.redis()?;
+    for chunk in (0..40_000u32).collect::<Vec<_>>().chunks(1000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let v: String = (0..300).map(|_| rng.random_range('a'..='z')).collect();
+            pipe.cmd("SET").arg(format!("old:{i}")).arg(v).ignore();
+        }
+        pipe.query::<()>(&mut con)?;
+    }
+    Ok(w)
+}
+
 fn file_bytes_sent(c: &Cluster) -> Result<f64> {
-    c.shipper_metric_where("dup_checkpoint_bytes_total", "kind", "file")
+    c.shipper_metric_where("dup_checkpoint_bytes_total", &[("kind", "file")])
 }
 
 #[test]
@@ -33,23 +54,7 @@ fn a_copy_killed_anywhere_resumes_and_resends_at_most_the_chunks_in_flight() -> 
     println!("seed {seed} (replay with FERRY_FULL_DUP_SEED={seed})");
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let mut w = TwoClusters::start_source_only(TABLE, PARTITIONS, PARTITIONS)?;
-    w.bj.shipper_toml += &format!("checkpoint_chunk_bytes = {CHUNK}\ncheckpoint_lanes = {LANES}\n");
-    if let Some(mut s) = w.bj.shipper.take() {
-        s.terminate(Duration::from_secs(10));
-    }
-    w.bj.start_shipper()?;
-
-    // Values that do not compress, so the checkpoints hold about 12 MB.
-    let mut con = w.bj.redis()?;
-    for chunk in (0..40_000u32).collect::<Vec<_>>().chunks(1000) {
-        let mut pipe = redis::pipe();
-        for i in chunk {
-            let v: String = (0..300).map(|_| rng.random_range('a'..='z')).collect();
-            pipe.cmd("SET").arg(format!("old:{i}")).arg(v).ignore();
-        }
-        pipe.query::<()>(&mut con)?;
-    }
+    let mut w = start(&mut rng)?;
     let writer = Writer::start(&w.bj, "live-", Duration::from_millis(10))?;
     let dupid = w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "4"])?;
 
@@ -108,15 +113,7 @@ fn a_copy_killed_anywhere_resumes_and_resends_at_most_the_chunks_in_flight() -> 
     assert!(entries >= 40_000 + acked);
     check_written(&w.tj, "live-", acked)?;
 
-    let total: u64 = w
-        .etcd
-        .get_prefix(&format!("/ferry/bj/dups/{TABLE}/{dupid}/checkpoint/"))?
-        .iter()
-        .map(|(_, v)| {
-            let cp: ferry_meta::DupCheckpoint = serde_json::from_str(v).context("checkpoint")?;
-            Ok(cp.manifest.total_bytes())
-        })
-        .sum::<Result<u64>>()?;
+    let total = w.checkpoint_bytes(TABLE, dupid)?;
     let sent = sent_by_killed + file_bytes_sent(&w.bj)?;
     // Each break can lose, per partition, the chunks its lanes had in flight.
     let bound = total + breaks * u64::from(PARTITIONS) * LANES * WINDOW * CHUNK;
@@ -163,6 +160,62 @@ fn a_corrupt_chunk_is_detected_counted_and_sent_again() -> Result<()> {
     assert_eq!(
         wait_converged(&w.bj, &w.tj, Duration::from_secs(30))?,
         5_000
+    );
+    Ok(())
+}
+
+/// A full dup removed half-way through its copy leaves tj's follower table `creating` with what
+/// was staged; a second full dup of the same table takes the table over and sends only what tj
+/// does not hold already (the bytes-sent metric), and installs from its own checkpoints.
+#[test]
+fn a_second_full_dup_after_a_removed_one_sends_only_the_missing_files() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut w = start(&mut rng)?;
+    let mut con = w.bj.redis()?;
+
+    // The first dup copies slowly and is removed once a good part is staged.
+    let first = w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "4"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w
+        .tj
+        .receiver_metric("receiver_checkpoint_chunk_bytes_total")?
+        < 4e6
+    {
+        if Instant::now() > deadline {
+            bail!("the first copy did not get going");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.bj.ferry_ok(&["dup", "remove", "-t", TABLE, "-d", &first.to_string()])?;
+    let staged =
+        w.tj.receiver_metric("receiver_checkpoint_chunk_bytes_total")?;
+
+    // Writes between the two, so the second checkpoints differ a little.
+    set_keys(&mut con, "between", 500, "v")?;
+    let second = w.bj.add_full_dup(TABLE, "tj", &[])?;
+    w.bj.wait_dup_status(TABLE, second, "DS_LOG", Duration::from_secs(90))?;
+    let total = w.checkpoint_bytes(TABLE, second)?;
+    let id = second.to_string();
+    let of_second = |kind| {
+        w.bj.shipper_metric_where(
+            "dup_checkpoint_bytes_total",
+            &[("kind", kind), ("dupid", &id)],
+        )
+    };
+    let (sent_second, present) = (of_second("file")?, of_second("present")?);
+    println!(
+        "first dup: {staged} bytes staged when removed; second dup: checkpoints of {total} bytes, \
+         {present} held by tj already, {sent_second} sent"
+    );
+    assert!(present > 0.0, "the second dup reuses what the first staged");
+    assert!(
+        (sent_second - (total as f64 - present)).abs() < 1.0,
+        "only the missing bytes were sent: {sent_second} of {total} ({present} present)"
+    );
+    w.tj.node.wait_stage("serving", Duration::from_secs(30))?;
+    assert_eq!(
+        wait_converged(&w.bj, &w.tj, Duration::from_secs(60))?,
+        40_500
     );
     Ok(())
 }

@@ -194,6 +194,11 @@ async fn prepare_to_app(
             source_table: table.to_owned(),
             dupid,
             source_partitions: t.partition_count,
+            decrees: checkpoints
+                .iter()
+                .flatten()
+                .map(|c| c.manifest.decree)
+                .collect(),
         },
     };
     let path = format!("/v1/tables/{}/follow", info.remote_table);
@@ -285,6 +290,16 @@ pub async fn check_remote_table_absent(
     let client = remote(config, cluster).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     match client.get::<TableDetail>(&format!("/v1/tables/{table}")).await {
         Err(ClientError::NotFound(_)) => Ok(()),
+        // Left `creating` by a removed full dup of this very table: the new dup takes it over
+        // and reuses what is staged there.
+        Ok(desc)
+            if desc.info.state == TableState::Creating
+                && desc.info.follower.as_ref().is_some_and(|f| {
+                    f.source_cluster == config.cluster.name && f.source_table == table
+                }) =>
+        {
+            Ok(())
+        }
         Ok(desc) => Err(ApiError::new(
             StatusCode::CONFLICT,
             format!(

@@ -188,6 +188,24 @@ impl TwoClusters {
     }
 }
 
+impl TwoClusters {
+    /// The total size of the checkpoints bj published for full dup `dupid` of `table`.
+    pub fn checkpoint_bytes(&self, table: &str, dupid: u64) -> Result<u64> {
+        self.etcd
+            .get_prefix(&format!("/ferry/bj/dups/{table}/{dupid}/checkpoint/"))?
+            .iter()
+            .map(|(_, v)| {
+                let cp: serde_json::Value =
+                    serde_json::from_str(v).context("parse a checkpoint record")?;
+                let files = cp["manifest"]["files"]
+                    .as_array()
+                    .context("a checkpoint record has manifest.files")?;
+                Ok(files.iter().filter_map(|f| f["size"].as_u64()).sum::<u64>())
+            })
+            .sum()
+    }
+}
+
 impl Cluster {
     #[allow(clippy::too_many_arguments)]
     fn start(
@@ -482,14 +500,14 @@ impl Cluster {
         metric(self.shipper_http, name)
     }
 
-    /// The sum of metric `name`'s samples on the shipper's `/metrics` whose labels include
-    /// `label="value"`.
-    pub fn shipper_metric_where(&self, name: &str, label: &str, value: &str) -> Result<f64> {
+    /// The sum of metric `name`'s samples on the shipper's `/metrics` whose labels include every
+    /// `label="value"` of `labels`.
+    pub fn shipper_metric_where(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         let (status, text) = http_get(self.shipper_http, "/metrics")?;
         if status != 200 {
             bail!("/metrics of the shipper answered {status}: {text}");
         }
-        Ok(crate::metrics::sum_where(&text, name, label, value))
+        Ok(crate::metrics::sum_where(&text, name, labels))
     }
 
     /// Like [`Cluster::shipper_metric`], on the receiver's `/metrics`.

@@ -11,15 +11,16 @@ pub fn sum_samples(text: &str, series: &str) -> f64 {
         .fold(0.0, |sum, v| sum + v)
 }
 
-/// The sum of the samples of metric `name` whose labels include `label="value"`, over every
-/// other label. 0 if none.
-pub fn sum_where(text: &str, name: &str, label: &str, value: &str) -> f64 {
-    let wanted = format!("{label}=\"{value}\"");
+/// The sum of the samples of metric `name` whose labels include every `label="value"` of
+/// `labels`, over every other label. 0 if none.
+pub fn sum_where(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let wanted: Vec<String> = labels.iter().map(|(l, v)| format!("{l}=\"{v}\"")).collect();
     text.lines()
         .filter_map(|l| l.rsplit_once(' '))
         .filter(|(s, _)| {
-            s.split_once('{').is_some_and(|(n, labels)| {
-                n == name && labels.trim_end_matches('}').split(',').any(|l| l == wanted)
+            s.split_once('{').is_some_and(|(n, have)| {
+                let have: Vec<&str> = have.trim_end_matches('}').split(',').collect();
+                n == name && wanted.iter().all(|w| have.contains(&w.as_str()))
             })
         })
         .filter_map(|(_, v)| v.parse::<f64>().ok())
@@ -51,13 +52,12 @@ mod tests {
             sum_where(
                 TEXT,
                 "receiver_sessions_rejected_total",
-                "reason",
-                "unauthorized"
+                &[("reason", "unauthorized")]
             ),
             3.0
         );
         assert_eq!(
-            sum_where(TEXT, "receiver_sessions_rejected_total", "reason", "x"),
+            sum_where(TEXT, "receiver_sessions_rejected_total", &[("reason", "x")]),
             0.0
         );
         let none = sum_samples(TEXT, "receiver_batches_total");

@@ -162,6 +162,19 @@ impl MetaStore {
                 self.place_partitions(name, nodes).await?;
                 return self.describe_table(name).await;
             }
+            Ok(info)
+                if info.state == TableState::Creating
+                    && info.partition_count == partition_count
+                    && info
+                        .follower
+                        .as_ref()
+                        .is_some_and(|f| f.same_source(&follower)) =>
+            {
+                // Left by a removed dup of the same source table: this dup takes it over. Its
+                // partitions are installed again from this dup's checkpoints; what the target
+                // staged already is reused where the files are the same.
+                return self.adopt_follower_table(name, follower, nodes).await;
+            }
             Ok(info) => {
                 return Err(MetaError::Conflict(format!(
                     "cluster {} already has a table `{name}` ({}, {} partitions) that is not the \
@@ -190,6 +203,40 @@ impl MetaStore {
             },
             other => other,
         }
+    }
+
+    async fn adopt_follower_table(
+        &self,
+        name: &str,
+        follower: Follower,
+        nodes: &[String],
+    ) -> Result<TableDescription, MetaError> {
+        let desc = self.describe_table(name).await?;
+        for (p, entry) in desc.partitions.iter().enumerate() {
+            if entry.as_ref().is_some_and(|e| e.installed.is_some()) {
+                self.update_json(
+                    &self.keys().partition(name, PartitionId(p as u32)),
+                    |e: &mut PartitionEntry| {
+                        e.installed = None;
+                        Ok(())
+                    },
+                )
+                .await?;
+            }
+        }
+        self.update_table(name, |t| {
+            if t.state != TableState::Creating {
+                return Err(MetaError::Conflict(format!(
+                    "table {name} became {} meanwhile; it is no longer a follower to take over",
+                    t.state
+                )));
+            }
+            t.follower = Some(follower.clone());
+            Ok(())
+        })
+        .await?;
+        self.place_partitions(name, nodes).await?;
+        self.describe_table(name).await
     }
 
     async fn create_table_with(

@@ -73,6 +73,20 @@ pub struct Follower {
     /// The source table's partition count (each target partition takes the keys of every
     /// source partition's checkpoint that hash to it).
     pub source_partitions: u32,
+    /// The decree of each source partition's checkpoint, in order: a staged checkpoint is
+    /// installed only if it is this one (not one an earlier, removed dup left).
+    #[serde(default)]
+    pub decrees: Vec<Decree>,
+}
+
+impl Follower {
+    /// Whether `other` follows the same source table (whatever the dup).
+    pub fn same_source(&self, other: &Follower) -> bool {
+        self.source_cluster == other.source_cluster
+            && self.source_cluster_id == other.source_cluster_id
+            && self.source_table == other.source_table
+            && self.source_partitions == other.source_partitions
+    }
 }
 
 /// A table's lifecycle state.
