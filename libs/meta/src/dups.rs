@@ -320,8 +320,20 @@ impl MetaStore {
         dupid: DupId,
         partition_count: u32,
     ) -> Result<Vec<Option<DupCheckpoint>>, MetaError> {
+        self.per_partition(table, dupid, "checkpoint", partition_count)
+            .await
+    }
+
+    /// The records `dups/<table>/<dupid>/<kind>/<p>`, by partition; `None` where there is none.
+    async fn per_partition<T: serde::de::DeserializeOwned + Clone>(
+        &self,
+        table: &str,
+        dupid: DupId,
+        kind: &str,
+        partition_count: u32,
+    ) -> Result<Vec<Option<T>>, MetaError> {
         let mut out = vec![None; partition_count as usize];
-        let prefix = format!("{}checkpoint/", self.keys().dup_subtree(table, dupid));
+        let prefix = format!("{}{kind}/", self.keys().dup_subtree(table, dupid));
         for kv in self.get_prefix(prefix.clone()).await? {
             let Some(p) = Keys::leaf(kv.key(), &prefix).and_then(|s| s.parse::<usize>().ok())
             else {
@@ -460,18 +472,8 @@ impl MetaStore {
         dupid: DupId,
         partition_count: u32,
     ) -> Result<Vec<Option<Transfer>>, MetaError> {
-        let mut out = vec![None; partition_count as usize];
-        let prefix = format!("{}transfer/", self.keys().dup_subtree(table, dupid));
-        for kv in self.get_prefix(prefix.clone()).await? {
-            let Some(p) = Keys::leaf(kv.key(), &prefix).and_then(|s| s.parse::<usize>().ok())
-            else {
-                continue;
-            };
-            if let Some(slot) = out.get_mut(p) {
-                *slot = Some(decode(&kv)?);
-            }
-        }
-        Ok(out)
+        self.per_partition(table, dupid, "transfer", partition_count)
+            .await
     }
 
     /// A dup's progress on one partition, if a shipper has written any.
