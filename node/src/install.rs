@@ -52,7 +52,7 @@ pub async fn until_installed(
     follower: &Follower,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
-    let mut follower = follower.clone();
+    let follower = follower.clone();
     let table = &config.table;
     let cluster = ClusterId::new(follower.source_cluster_id).ok_or_else(|| {
         anyhow!(
@@ -65,14 +65,38 @@ pub async fn until_installed(
         follower.source_cluster, follower.source_table
     )));
     let loading = CancellationToken::new();
-    let _stop_loading = loading.clone().drop_guard();
-    match TcpListener::bind(config.resp_addr).await {
-        Ok(l) => {
-            tokio::spawn(loading_port(l, status.clone(), loading.clone()));
+    let port = match TcpListener::bind(config.resp_addr).await {
+        Ok(l) => Some(tokio::spawn(loading_port(
+            l,
+            status.clone(),
+            loading.clone(),
+        ))),
+        Err(e) => {
+            tracing::warn!(addr = %config.resp_addr, error = %e,
+                "cannot open the client port while installing; clients get connection refused until the table opens");
+            None
         }
-        Err(e) => tracing::warn!(addr = %config.resp_addr, error = %e,
-            "cannot open the client port while installing; clients get connection refused until the table opens"),
+    };
+    let outcome = install_loop(config, meta, a, follower, cluster, &status, shutdown).await;
+    // The port is closed before the caller opens the table's own on the same address.
+    loading.cancel();
+    if let Some(port) = port {
+        let _ = port.await;
     }
+    outcome
+}
+
+/// The waiting and installing of [`until_installed`], while the `-LOADING` port answers.
+async fn install_loop(
+    config: &NodeConfig,
+    meta: &MetaStore,
+    a: &Assignment,
+    mut follower: Follower,
+    cluster: ClusterId,
+    status: &Mutex<String>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Outcome> {
+    let table = &config.table;
     let layout = Layout::new(&config.data_dir);
     let opts = config.partition_options()?;
     let mut staged: BTreeMap<u32, SourceCheckpoint> = BTreeMap::new();
