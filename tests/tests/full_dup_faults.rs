@@ -219,3 +219,39 @@ fn a_second_full_dup_after_a_removed_one_sends_only_the_missing_files() -> Resul
     );
     Ok(())
 }
+
+/// The follower table dropped on tj while its checkpoints are being copied: tj's node deletes
+/// what was staged for it and goes back to waiting for its table; it does not exit.
+#[test]
+fn a_follower_table_dropped_during_its_copy_leaves_no_staged_files() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(12);
+    let mut w = start(&mut rng)?;
+    w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "4"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w
+        .tj
+        .receiver_metric("receiver_checkpoint_chunk_bytes_total")?
+        < 2e6
+    {
+        if Instant::now() > deadline {
+            bail!("the copy did not get going");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.tj.ferry_ok(&["table", "drop", TABLE])?;
+    w.tj.node
+        .wait_stage("waiting_for_table", Duration::from_secs(30))?;
+    let staging = w.tj.node.data_dir.join(TABLE).join(".staging");
+    assert!(
+        !staging.exists(),
+        "{} is left after the table was dropped",
+        staging.display()
+    );
+    assert!(
+        w.tj.node
+            .log_text()
+            .contains("its staged checkpoints are deleted"),
+        "the node says what it did"
+    );
+    Ok(())
+}
