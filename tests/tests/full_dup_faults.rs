@@ -41,6 +41,22 @@ fn start(rng: &mut StdRng) -> Result<TwoClusters> {
     Ok(w)
 }
 
+/// Waits (bounded) until tj's receiver has staged `bytes` of checkpoint files.
+fn wait_staged(w: &TwoClusters, bytes: f64) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w
+        .tj
+        .receiver_metric("receiver_checkpoint_chunk_bytes_total")?
+        < bytes
+    {
+        if Instant::now() > deadline {
+            bail!("the copy did not get going: under {bytes} bytes staged after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 fn file_bytes_sent(c: &Cluster) -> Result<f64> {
     c.shipper_metric_where("dup_checkpoint_bytes_total", &[("kind", "file")])
 }
@@ -175,17 +191,7 @@ fn a_second_full_dup_after_a_removed_one_sends_only_the_missing_files() -> Resul
 
     // The first dup copies slowly and is removed once a good part is staged.
     let first = w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "4"])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while w
-        .tj
-        .receiver_metric("receiver_checkpoint_chunk_bytes_total")?
-        < 4e6
-    {
-        if Instant::now() > deadline {
-            bail!("the first copy did not get going");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_staged(&w, 4e6)?;
     w.bj.ferry_ok(&["dup", "remove", "-t", TABLE, "-d", &first.to_string()])?;
     let staged =
         w.tj.receiver_metric("receiver_checkpoint_chunk_bytes_total")?;
@@ -227,17 +233,7 @@ fn a_follower_table_dropped_during_its_copy_leaves_no_staged_files() -> Result<(
     let mut rng = StdRng::seed_from_u64(12);
     let mut w = start(&mut rng)?;
     w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "4"])?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while w
-        .tj
-        .receiver_metric("receiver_checkpoint_chunk_bytes_total")?
-        < 2e6
-    {
-        if Instant::now() > deadline {
-            bail!("the copy did not get going");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_staged(&w, 2e6)?;
     w.tj.ferry_ok(&["table", "drop", TABLE])?;
     w.tj.node
         .wait_stage("waiting_for_table", Duration::from_secs(30))?;
