@@ -38,6 +38,8 @@ pub struct DupArgs {
     pub pin: bool,
     /// More `[shipper]` lines, e.g. `window_batches = 2`.
     pub shipper_toml: Vec<String>,
+    /// Where `dup-lag-cdf.png` goes.
+    pub out: std::path::PathBuf,
 }
 
 /// One measured phase.
@@ -53,6 +55,8 @@ struct Row {
     p50: Option<f64>,
     p99: Option<f64>,
     tail: Duration,
+    /// The phase's cumulative `dup_write_lag_ms` buckets `(upper bound, count)`.
+    lag: Vec<(f64, f64)>,
 }
 
 pub fn run(a: &DupArgs) -> Result<()> {
@@ -92,7 +96,51 @@ pub fn run(a: &DupArgs) -> Result<()> {
     }
     println!();
     println!("lag: source commit → target durable per write (the shipper's dup_write_lag_ms, interpolated within 25% buckets).");
+    std::fs::create_dir_all(&a.out).with_context(|| format!("create {}", a.out.display()))?;
+    let png = a.out.join("dup-lag-cdf.png");
+    plot_lag_cdf(&png, &rows)?;
+    println!("plot: {}", png.display());
     Ok(())
+}
+
+/// One CDF of the per-write lag per row that has any (the paced loads), x on a log scale.
+fn plot_lag_cdf(path: &std::path::Path, rows: &[Row]) -> Result<()> {
+    let series: Vec<crate::plot::Series> = rows
+        .iter()
+        .filter(|r| r.lag.last().is_some_and(|l| l.1 > 0.0))
+        .map(|r| {
+            let total = r.lag.last().map_or(1.0, |l| l.1);
+            crate::plot::Series {
+                name: format!("{}, {}, {}", r.link, r.congestion, r.what),
+                // Up to the first bucket that holds every write: the rest is a flat line.
+                points: r
+                    .lag
+                    .iter()
+                    .filter(|(le, _)| le.is_finite() && *le > 0.0)
+                    .scan(false, |full, &(le, n)| {
+                        let point = (!*full).then_some((le.log10(), n / total));
+                        *full = n >= total;
+                        point
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    let axes = crate::plot::Axes {
+        title: "per-write lag, source commit to target durable (CDF)",
+        x: "lag, ms (log scale)",
+        y: "fraction of writes",
+        // Only the powers of ten are labelled.
+        x_label: &|v| {
+            if (v - v.round()).abs() < 0.02 {
+                format!("{}", 10f64.powf(v.round()))
+            } else {
+                String::new()
+            }
+        },
+        legend: plotters::chart::SeriesLabelPosition::UpperLeft,
+    };
+    crate::plot::lines(path, &axes, &series)
 }
 
 fn ms(v: f64) -> String {
@@ -166,6 +214,7 @@ fn measure(
         p50: None,
         p99: None,
         tail: Duration::ZERO,
+        lag: Vec::new(),
     }];
 
     // 2. Paced load.
@@ -441,6 +490,7 @@ impl Sample {
             p50: quantile(&diff, 0.50),
             p99: quantile(&diff, 0.99),
             tail: Duration::ZERO,
+            lag: diff,
         }
     }
 }

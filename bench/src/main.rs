@@ -7,8 +7,15 @@
 //!
 //! `bench dup` measures incremental duplication between two local clusters against the node's
 //! own maximum ingest (see [`dup`]).
+//!
+//! `bench checkpoint` copies a full dup's checkpoints over the emulated WAN link beside
+//! `iperf3` and `rsync` over `ssh` on the same link (see [`checkpoint`]).
+//!
+//! Beside the markdown tables, `bench` writes PNG plots into `--out` ([`plot`]).
 
+mod checkpoint;
 mod dup;
+mod plot;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -82,7 +89,14 @@ enum Cmd {
         /// (repeatable).
         #[arg(long = "shipper")]
         shipper_toml: Vec<String>,
+        /// Where the plots go (`dup-lag-cdf.png`).
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
     },
+    /// Full duplication's checkpoint copy over the emulated WAN link, beside iperf3 and rsync
+    /// over ssh on the same link; the foreground write rate during the copy; then on loopback.
+    /// Needs root and /dev/net/tun.
+    Checkpoint(checkpoint::CheckpointArgs),
 }
 
 fn main() -> Result<()> {
@@ -97,6 +111,7 @@ fn main() -> Result<()> {
             drain,
             pin,
             shipper_toml,
+            out,
         } => dup::run(&dup::DupArgs {
             partitions,
             seconds,
@@ -107,7 +122,9 @@ fn main() -> Result<()> {
             drain_writes: drain,
             pin,
             shipper_toml,
+            out,
         }),
+        Cmd::Checkpoint(args) => checkpoint::run(&args),
         Cmd::NodeVsRedis {
             requests,
             clients,

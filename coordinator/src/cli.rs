@@ -9,10 +9,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use ferry_admin::api::{
-    AddDup, CopyView, CreateTable, DupView, SetFailMode, SetTableState, StatusView, TableDetail,
-    TableView,
+    AddDup, CopyView, CreateTable, DupView, SetFailMode, SetRate, SetTableState, StatusView,
+    TableDetail, TableView,
 };
 use ferry_admin::client::{AdminClient, ClientError};
+use ferry_meta::status::DupStatus;
+use ferry_meta::{DupInfo, DupMode};
 use ferry_proto::DupId;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -121,9 +123,10 @@ pub enum DupCommand {
         /// With --full: the target table's partition count (default: the source's).
         #[arg(long, requires = "full")]
         remote_partitions: Option<u32>,
-        /// With --full: bandwidth limit of the checkpoint copy, in MB/s (10^6 bytes) on the wire.
-        #[arg(long, requires = "full")]
-        rate_mb: Option<u64>,
+        /// With --full: bandwidth limit of the checkpoint copy, in MB/s (10^6 bytes) on the wire,
+        /// for the whole dup (e.g. 0.5); change it later with `ferry dup set-rate`.
+        #[arg(long = "rate-mb", requires = "full", value_parser = mb_per_s)]
+        rate: Option<u64>,
         /// With --full: wait until the dup reaches DS_LOG, showing the copy's progress; exits
         /// non-zero if the dup is removed first.
         #[arg(long, requires = "full")]
@@ -141,6 +144,15 @@ pub enum DupCommand {
     Start(DupTarget),
     /// Remove a duplication and its progress.
     Remove(DupTarget),
+    /// Set a full dup's checkpoint bandwidth limit, also while its copy runs.
+    SetRate {
+        /// Which dup.
+        #[command(flatten)]
+        target: DupTarget,
+        /// MB/s (10^6 bytes) on the wire for the whole dup (e.g. 0.5); 0 lifts the limit.
+        #[arg(long = "mb", value_parser = mb_per_s)]
+        rate: u64,
+    },
     /// Set what shipping does when a batch keeps failing.
     SetFailMode {
         /// Which dup.
@@ -268,7 +280,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
             cluster,
             full,
             remote_partitions,
-            rate_mb,
+            rate,
             wait,
         }) => {
             let d: DupView = client
@@ -278,7 +290,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
                         remote: cluster,
                         full,
                         remote_partitions,
-                        rate_bytes: rate_mb.map(|m| m.saturating_mul(1_000_000)),
+                        rate_bytes: rate,
                     },
                 )
                 .await?;
@@ -321,6 +333,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
                             d.info.fail_mode.to_string(),
                             d.info.mode.to_string(),
                             d.info.remote_table.clone(),
+                            copy_text(&d.info),
                             time(d.info.create_timestamp_ms),
                         ]
                     })
@@ -333,6 +346,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
                         "FAIL_MODE",
                         "MODE",
                         "REMOTE_TABLE",
+                        "COPY",
                         "CREATED",
                     ],
                     rows,
@@ -347,6 +361,26 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
                 .await?;
             render(json, &d, |d| {
                 format!("removed dup {} of table {}\n", d.dupid, d.table)
+            })
+        }
+        Command::Dup(DupCommand::SetRate { target, rate }) => {
+            let d: DupView = client
+                .put(
+                    &format!(
+                        "/v1/tables/{}/dups/{}/rate",
+                        seg(&target.table),
+                        target.dupid
+                    ),
+                    &SetRate { rate_bytes: rate },
+                )
+                .await?;
+            render(json, &d, |d| {
+                format!(
+                    "dup {} of table {} now copies checkpoints at {}\n",
+                    d.dupid,
+                    d.table,
+                    rate_text(&d.info)
+                )
             })
         }
         Command::Dup(DupCommand::SetFailMode { target, mode }) => {
@@ -571,6 +605,149 @@ fn render_status(s: &StatusView) -> String {
                 out.push_str(&format!(
                     "partition {} of table {} (dup {}) is not shipping: {e}\n",
                     p.partition, p.table, p.dupid
+                ));
+            }
+        }
+    }
+    if !s.copies.is_empty() {
+        out.push('\n');
+        out.push_str(&render_copies(&s.copies));
+    }
+    out
+}
+
+/// Parses MB/s (10^6 bytes) into bytes per second.
+fn mb_per_s(s: &str) -> Result<u64, String> {
+    match s.parse::<f64>() {
+        Ok(mb) if mb.is_finite() && (0.0..=1e9).contains(&mb) => Ok((mb * 1e6).round() as u64),
+        _ => Err(format!(
+            "{s:?} is not a rate in MB/s: give a number from 0 to 1e9, like 0.5 or 100"
+        )),
+    }
+}
+
+/// A dup's checkpoint copy in one cell of `ferry dup list`.
+fn copy_text(d: &DupInfo) -> String {
+    if d.mode != DupMode::Full {
+        return "-".into();
+    }
+    let stage = match d.status {
+        DupStatus::Prepare => "checkpointing".to_string(),
+        DupStatus::App => "copying".to_string(),
+        DupStatus::Init | DupStatus::Removed => "-".to_string(),
+        DupStatus::Log | DupStatus::Pause => {
+            match d
+                .extra
+                .get(DupInfo::TARGET_INSTALL_COMPLETE)
+                .and_then(|v| v.as_u64())
+            {
+                Some(ms) => format!("install complete {}", time(ms)),
+                None => "installed, catching up".to_string(),
+            }
+        }
+    };
+    match d.checkpoint_rate_bytes() {
+        Some(_) if matches!(d.status, DupStatus::Prepare | DupStatus::App) => {
+            format!("{stage} at {}", rate_text(d))
+        }
+        _ => stage,
+    }
+}
+
+/// A dup's checkpoint bandwidth limit.
+fn rate_text(d: &DupInfo) -> String {
+    match d.checkpoint_rate_bytes() {
+        Some(r) => format!("at most {:.1} MB/s", r as f64 / 1e6),
+        None => "no bandwidth limit".into(),
+    }
+}
+
+/// The copy rows of `ferry status`: one per partition of every full dup not yet install-complete.
+fn render_copies(copies: &[CopyView]) -> String {
+    let mut rows = Vec::new();
+    for c in copies {
+        for p in &c.partitions {
+            let (state, files, bytes, rate, eta) = match (&p.transfer, p.install_complete_at_ms) {
+                (_, Some(_)) => (
+                    "install complete".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ),
+                (_, None) if c.status == "DS_LOG" || c.status == "DS_PAUSE" => (
+                    "installed, catching up".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ),
+                (Some(t), None) => (
+                    t.state.clone(),
+                    format!("{}/{}", t.files_done, t.files_total),
+                    format!(
+                        "{:.1}/{:.1} MB",
+                        t.bytes_done as f64 / 1e6,
+                        t.bytes_total as f64 / 1e6
+                    ),
+                    format!("{:.1} MB/s", t.rate / 1e6),
+                    t.eta_ms
+                        .map_or("-".into(), |ms| format!("{:.0}s", ms as f64 / 1000.0)),
+                ),
+                (None, None) if p.decree.is_some() => (
+                    "checkpoint made".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ),
+                (None, None) => (
+                    "checkpointing".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ),
+            };
+            rows.push(vec![
+                c.table.clone(),
+                c.dupid.to_string(),
+                c.status.clone(),
+                p.partition.to_string(),
+                state,
+                files,
+                bytes,
+                rate,
+                eta,
+            ]);
+        }
+    }
+    let mut out = table(
+        &[
+            "TABLE",
+            "DUPID",
+            "STATUS",
+            "PARTITION",
+            "COPY",
+            "FILES",
+            "BYTES",
+            "RATE",
+            "ETA",
+        ],
+        rows,
+    );
+    for c in copies {
+        if let Some(w) = &c.waiting {
+            out.push_str(&format!(
+                "dup {} of table {} waits: {w}\n",
+                c.dupid, c.table
+            ));
+        }
+        for p in &c.partitions {
+            if let Some(e) = p.transfer.as_ref().and_then(|t| t.last_error.as_ref()) {
+                out.push_str(&format!(
+                    "partition {} of table {} (dup {}) is not copying: {e}\n",
+                    p.partition, c.table, c.dupid
                 ));
             }
         }

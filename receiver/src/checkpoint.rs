@@ -116,7 +116,10 @@ impl Session {
         let opened = tokio::task::spawn_blocking(move || Staging::open(&dir, &lineage)).await;
         let staging = match opened {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return End::Failed(ErrorCode::INTERNAL, e.to_string()),
+            Ok(Err(e)) => {
+                let (code, message) = staging_failure(&e);
+                return End::Failed(code, message);
+            }
             Err(e) => {
                 return End::Failed(
                     ErrorCode::INTERNAL,
@@ -283,7 +286,10 @@ impl Session {
                     Err(end) => end,
                 }
             }
-            Ok(Err(e)) => End::Failed(staging_code(&e), e.to_string()),
+            Ok(Err(e)) => {
+                let (code, message) = staging_failure(&e);
+                End::Failed(code, message)
+            }
             Err(e) => End::Failed(
                 ErrorCode::INTERNAL,
                 format!("the thread finishing the checkpoint failed ({e})"),
@@ -446,7 +452,7 @@ async fn stage_frame(
                 staging
                     .lock()
                     .write_chunk(&chunk.file, chunk.offset, &data)
-                    .map_err(|e| (staging_code(&e), e.to_string()))?;
+                    .map_err(|e| staging_failure(&e))?;
                 metrics.chunk_bytes.inc_by(data.len() as u64);
                 metrics.chunks.inc();
                 Ok(false)
@@ -455,7 +461,7 @@ async fn stage_frame(
                 staging
                     .lock()
                     .finish_file(&f.file, f.size, f.crc32c)
-                    .map_err(|e| (staging_code(&e), e.to_string()))?;
+                    .map_err(|e| staging_failure(&e))?;
                 Ok(true)
             }
             other => Err((
@@ -481,8 +487,25 @@ async fn stage_frame(
     Ok(())
 }
 
+/// A staging error as the `Error` frame that ends the transfer.
+fn staging_failure(e: &StagingError) -> (ErrorCode, String) {
+    let code = staging_code(e);
+    if code == ErrorCode::DISK_FULL {
+        tracing::error!(error = %e, "the disk of the checkpoint staging is full; the copy waits until space frees");
+        return (
+            code,
+            format!(
+                "{e}: the target's disk is full. Free space on it; the copy keeps what is staged \
+                 and resumes by itself"
+            ),
+        );
+    }
+    (code, e.to_string())
+}
+
 fn staging_code(e: &StagingError) -> ErrorCode {
     match e {
+        StagingError::Log(e) if e.is_disk_full() => ErrorCode::DISK_FULL,
         StagingError::Log(_) => ErrorCode::INTERNAL,
         StagingError::Mismatch { .. } => ErrorCode::CHECKSUM_MISMATCH,
         StagingError::BadName { .. } | StagingError::OutOfOrder { .. } => ErrorCode::MALFORMED,

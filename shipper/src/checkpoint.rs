@@ -46,6 +46,8 @@ pub enum Outcome {
     Left,
     /// A newer shipper holds the partition.
     Fenced(String),
+    /// The target's disk is full (its sentence); retried while the alarm is up.
+    DiskFull(String),
     /// Anything else: retried.
     Failed(String),
 }
@@ -62,6 +64,11 @@ pub async fn run(
 ) -> Option<Result<(), String>> {
     let mut backoff = Duration::from_millis(200);
     let mut staged = false;
+    let disk_full = shared
+        .metrics
+        .checkpoint_target_disk_full
+        .get_or_create(&labels(key))
+        .clone();
     loop {
         if cancel.is_cancelled() {
             return Some(Ok(()));
@@ -84,17 +91,35 @@ pub async fn run(
         match outcome {
             Outcome::Staged => {
                 staged = true;
-                if let Some(p) = shared.board.get(key).and_then(|e| e.checkpoint) {
-                    publish(shared, key, &p, "staged").await;
-                }
                 backoff = Duration::from_millis(200);
                 shared.board.with(key, |e| {
                     e.state = State::Staged;
                     e.last_error = None;
                 });
+                if let Some(p) = shared.board.get(key).and_then(|e| e.checkpoint) {
+                    publish(shared, key, &p, "staged").await;
+                }
             }
             Outcome::Left => {}
             Outcome::Fenced(why) => return Some(Err(why)),
+            Outcome::DiskFull(why) => {
+                if disk_full.get() == 0 {
+                    tracing::error!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, error = %why,
+                        "ALARM: the target's disk is full; the checkpoint copy is paused and retried every 5 s until space frees");
+                }
+                disk_full.set(1);
+                shared.board.with(key, |e| {
+                    e.state = State::TargetDiskFull;
+                    e.last_error = Some(why);
+                });
+                if let Some(p) = shared.board.get(key).and_then(|e| e.checkpoint) {
+                    publish(shared, key, &p, "target disk full").await;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Some(Ok(())),
+                    _ = tokio::time::sleep(DISK_FULL_RETRY) => {}
+                }
+            }
             Outcome::Failed(why) => {
                 shared
                     .metrics
@@ -119,6 +144,9 @@ pub async fn run(
 fn labels(key: &Key) -> Labels {
     crate::metrics::labels(&key.table, key.dupid, key.partition)
 }
+
+/// How often a copy paused by a full target disk tries again.
+const DISK_FULL_RETRY: Duration = Duration::from_secs(5);
 
 /// What a lane task is asked to do, in order.
 enum LaneWork {
@@ -235,6 +263,7 @@ async fn session(
     let now = Instant::now();
     let mut sender = SendCheckpoint::new(cp.manifest.clone(), &welcome.present_files, &config, now);
     let l = labels(key);
+    set_rate_gauge(shared, &l, config.rate);
     let mut counted_present = 0;
     count_present(shared, &l, sender.progress(), &mut counted_present);
     tracing::info!(table = %key.table, dupid = %key.dupid, partition = key.partition.0,
@@ -242,6 +271,7 @@ async fn session(
         bytes_held = sender.progress().bytes_present, receiver = %addr, "sending the checkpoint");
     shared.board.with(key, |e| {
         e.state = State::Copying;
+        e.last_error = None;
         e.checkpoint = Some(sender.progress().clone());
     });
 
@@ -305,6 +335,11 @@ async fn session(
         .get_or_create(&l)
         .clone();
 
+    let disk_full = shared
+        .metrics
+        .checkpoint_target_disk_full
+        .get_or_create(&l)
+        .clone();
     let mut last_export = Instant::now();
     let outcome = loop {
         let now = Instant::now();
@@ -379,13 +414,19 @@ async fn session(
                 None => break Outcome::Failed("every lane ended".into()),
             },
             f = frames0.recv() => match f {
-                Ok(Frame::ChunkAck(a)) => ack(&windows, &mut acked, 0, a.chunks),
+                Ok(Frame::ChunkAck(a)) => {
+                    ack(&windows, &mut acked, 0, a.chunks);
+                    space_again(key, &disk_full);
+                }
                 Ok(Frame::Error(e)) => break refused(&e),
                 Ok(other) => break Outcome::Failed(format!("the receiver sent {} during the transfer", other.name())),
                 Err(e) => break Outcome::Failed(e.to_string()),
             },
             Some((lane, f)) = lane_frames.recv() => match f {
-                Ok(Frame::ChunkAck(a)) => ack(&windows, &mut acked, lane, a.chunks),
+                Ok(Frame::ChunkAck(a)) => {
+                    ack(&windows, &mut acked, lane, a.chunks);
+                    space_again(key, &disk_full);
+                }
                 Ok(Frame::Error(e)) => break refused(&e),
                 Ok(other) => break Outcome::Failed(format!("the receiver sent {} on lane {lane}", other.name())),
                 Err(e) => break Outcome::Failed(e),
@@ -399,13 +440,24 @@ async fn session(
                 if info.status != DupStatus::App {
                     break Outcome::Left;
                 }
-                sender.set_rate(rate_of(&info, partitions), Instant::now());
+                let rate = rate_of(&info, partitions);
+                sender.set_rate(rate, Instant::now());
+                set_rate_gauge(shared, &labels(key), rate);
             }
         }
     };
     in_flight.set(0);
     export(shared, key, sender.progress());
     outcome
+}
+
+/// A chunk was staged: a full-disk alarm, if up, is over.
+fn space_again(key: &Key, disk_full: &prometheus_client::metrics::gauge::Gauge) {
+    if disk_full.get() != 0 {
+        disk_full.set(0);
+        tracing::info!(table = %key.table, dupid = %key.dupid, partition = key.partition.0,
+            "the target has disk space again; the checkpoint copy resumes");
+    }
 }
 
 /// A `ChunkAck` of `lane`: its window opens by the chunks newly acknowledged.
@@ -607,6 +659,8 @@ async fn lane_task(
 fn refused(e: &wire::Error) -> Outcome {
     if e.code == ErrorCode::STALE_FENCING_TOKEN {
         Outcome::Fenced(format!("the receiver knows a newer shipper: {}", e.message))
+    } else if e.code == ErrorCode::DISK_FULL {
+        Outcome::DiskFull(e.message.clone())
     } else {
         Outcome::Failed(format!(
             "the receiver ended the transfer ({}): {}",
@@ -675,11 +729,17 @@ fn prefix_crc(path: &Path, len: u64) -> Result<u32, String> {
 /// One partition's share of the dup's bandwidth limit for checkpoint transfers (bytes/s on the
 /// wire), if one is set: every partition copies at once, so each gets an equal part.
 pub fn rate_of(info: &DupInfo, partitions: u32) -> Option<u64> {
-    info.extra
-        .get("checkpoint_rate_bytes")
-        .and_then(serde_json::Value::as_u64)
-        .filter(|r| *r > 0)
+    info.checkpoint_rate_bytes()
         .map(|r| (r / u64::from(partitions.max(1))).max(1))
+}
+
+fn set_rate_gauge(shared: &Shared, l: &Labels, rate: Option<u64>) {
+    let rate = i64::try_from(rate.unwrap_or(0)).unwrap_or(i64::MAX);
+    shared
+        .metrics
+        .checkpoint_rate_limit
+        .get_or_create(l)
+        .set(rate);
 }
 
 /// Counts the bytes found present on the target since the last call (a resumed file's prefix
@@ -729,6 +789,7 @@ async fn publish(shared: &Shared, key: &Key, p: &TransferProgress, state: &str) 
         } else {
             p.eta().map(|d| d.as_millis() as u64)
         },
+        last_error: shared.board.get(key).and_then(|e| e.last_error),
         updated_at_ms: ferry_meta::now_ms(),
         extra: Default::default(),
     };

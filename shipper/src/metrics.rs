@@ -64,6 +64,11 @@ pub struct Metrics {
     /// Checkpoint chunks sent and not yet acknowledged as staged: what a break would send
     /// again (at most `LANE_WINDOW` per lane).
     pub checkpoint_in_flight: Family<Labels, Gauge>,
+    /// The partition's share of its dup's checkpoint bandwidth limit, bytes/s (0: none).
+    pub checkpoint_rate_limit: Family<Labels, Gauge>,
+    /// 1 while the partition's checkpoint copy is paused by a full disk on the target (an
+    /// alarm).
+    pub checkpoint_target_disk_full: Family<Labels, Gauge>,
 }
 
 fn lag_histogram() -> Histogram {
@@ -104,6 +109,8 @@ impl Metrics {
             checkpoint_bytes: Family::default(),
             checkpoint_remaining: Family::default(),
             checkpoint_in_flight: Family::default(),
+            checkpoint_rate_limit: Family::default(),
+            checkpoint_target_disk_full: Family::default(),
         };
         registry.register(
             "dup_shipped_ops",
@@ -190,6 +197,16 @@ impl Metrics {
             "checkpoint chunks sent and not yet acknowledged as staged (sent again after a break)",
             m.checkpoint_in_flight.clone(),
         );
+        registry.register(
+            "dup_checkpoint_rate_limit_bytes",
+            "this partition's share of its dup's checkpoint bandwidth limit, bytes/s on the wire (0: none)",
+            m.checkpoint_rate_limit.clone(),
+        );
+        registry.register(
+            "dup_checkpoint_target_disk_full",
+            "1 while the checkpoint copy is paused because the target's disk is full (an alarm: free space there)",
+            m.checkpoint_target_disk_full.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -211,6 +228,8 @@ impl Metrics {
         self.leader.remove(l);
         self.checkpoint_remaining.remove(l);
         self.checkpoint_in_flight.remove(l);
+        self.checkpoint_rate_limit.remove(l);
+        self.checkpoint_target_disk_full.remove(l);
         for kind in ["file", "wire", "present"] {
             let mut k = l.clone();
             k.push(("kind".into(), kind.into()));

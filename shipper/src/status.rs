@@ -40,6 +40,8 @@ pub enum State {
     Copying,
     /// Full dup (`DS_APP`): the target staged the checkpoint; waiting for the install.
     Staged,
+    /// Full dup (`DS_APP`): the target's disk is full; the copy waits and retries.
+    TargetDiskFull,
 }
 
 /// One partition's entry.

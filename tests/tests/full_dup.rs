@@ -242,3 +242,120 @@ fn an_empty_and_a_one_key_table_reach_ds_log_at_once() -> Result<()> {
     }
     Ok(())
 }
+
+/// `--rate-mb` limits a copy, `ferry dup list` and `ferry status` show it running, and `ferry dup
+/// set-rate` changes the limit of the copy that runs: the shippers' limit gauge follows, and
+/// with the limit lifted the copy finishes.
+#[test]
+fn set_rate_changes_a_running_copy_and_status_shows_it() -> Result<()> {
+    let mut w = TwoClusters::start_source_only(TABLE, 2, 2)?;
+    let mut con = w.bj.redis()?;
+    // Incompressible values (zstd would otherwise shrink the wire bytes the limit counts).
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in 0..16 {
+        let mut pipe = redis::pipe();
+        for i in 0..500 {
+            let value: Vec<u8> = (0..1000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            pipe.cmd("SET")
+                .arg(format!("r:{chunk}:{i}"))
+                .arg(value)
+                .ignore();
+        }
+        pipe.query::<()>(&mut con)?;
+    }
+    // 0.2 MB/s for 8 MB in 1 MiB chunks: the copy would take about 40 s.
+    let dupid = w.bj.add_full_dup(TABLE, "tj", &["--rate-mb", "0.2"])?;
+    let limit = || {
+        w.bj.shipper_metric_where(
+            "dup_checkpoint_rate_limit_bytes",
+            &[("dupid", &dupid.to_string())],
+        )
+    };
+    wait_for(
+        Duration::from_secs(30),
+        "the shippers to take the 0.2 MB/s limit",
+        || Ok(limit()? == 200_000.0),
+    )?;
+    let list = w.bj.ferry_ok(&["dup", "list", "-t", TABLE])?;
+    assert!(list.contains("copying at at most 0.2 MB/s"), "{list}");
+    let mut status = String::new();
+    wait_for(
+        Duration::from_secs(30),
+        "a copy row in ferry status",
+        || {
+            status = w.bj.ferry_ok(&["status"])?;
+            Ok(status.contains("COPY") && status.lines().any(|l| l.contains(" copying ")))
+        },
+    )
+    .with_context(|| status.clone())?;
+    eprintln!("{status}");
+    assert_eq!(w.bj.dup_status(TABLE, dupid)?, "DS_APP");
+
+    let d = dupid.to_string();
+    let out =
+        w.bj.ferry_ok(&["dup", "set-rate", "-t", TABLE, "-d", &d, "--mb", "0"])?;
+    assert!(out.contains("no bandwidth limit"), "{out}");
+    wait_for(
+        Duration::from_secs(30),
+        "the shippers to lift the limit",
+        || Ok(limit()? == 0.0),
+    )?;
+    w.bj.wait_dup_status(TABLE, dupid, "DS_LOG", Duration::from_secs(60))?;
+    w.tj.node.wait_stage("serving", Duration::from_secs(30))?;
+    assert_eq!(
+        wait_converged(&w.bj, &w.tj, Duration::from_secs(30))?,
+        8_000
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "install complete in ferry dup list",
+        || {
+            Ok(w.bj
+                .ferry_ok(&["dup", "list", "-t", TABLE])?
+                .contains("install complete"))
+        },
+    )?;
+    let status = w.bj.ferry_ok(&["status"])?;
+    assert!(
+        !status.contains("COPY"),
+        "no copy rows once installs completed:\n{status}"
+    );
+
+    // Refusals name what is wrong.
+    let bad = ferry_tests::etcd::ferry(
+        &[w.bj.coordinator.addr],
+        &["dup", "set-rate", "-t", TABLE, "-d", "999", "--mb", "1"],
+    )?;
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("999"), "{err}");
+    let bad = ferry_tests::etcd::ferry(
+        &[w.bj.coordinator.addr],
+        &["dup", "set-rate", "-t", TABLE, "-d", &d, "--mb=-3"],
+    )?;
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("not a rate in MB/s"), "{err}");
+    Ok(())
+}
+
+/// Polls `done` every 100 ms until it holds, at most `timeout`.
+fn wait_for(timeout: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if done()? {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("waited {timeout:?} for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -251,3 +251,109 @@ fn a_follower_table_dropped_during_its_copy_leaves_no_staged_files() -> Result<(
     );
     Ok(())
 }
+
+/// A tmpfs mounted over a directory for the life of the value (root only), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Result<Tmpfs> {
+        std::fs::create_dir_all(dir)?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "mount tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Tmpfs(dir.to_path_buf()))
+    }
+
+    /// Grows it in place, keeping its files: space frees.
+    fn resize(&self, size: &str) -> Result<()> {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "remount tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// tj's staging directory sits on a 2 MB file system, less than the 12 MB of checkpoints: the
+/// receiver's writes fail with ENOSPC, it ends the transfer with `disk_full`, and the shipper
+/// raises its alarm and pauses the copy, shown in `ferry status`. Once the file system grows,
+/// the copy resumes from what is staged and completes, and nothing is lost.
+#[test]
+fn a_full_target_disk_pauses_the_copy_with_an_alarm_until_space_frees() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(17);
+    let mut w = start(&mut rng)?;
+    let staging = w.tj.node.data_dir.join(TABLE).join(".staging");
+    let disk = match Tmpfs::mount(&staging, "2m") {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: this test needs to mount a tmpfs (root): {e:#}");
+            return Ok(());
+        }
+    };
+    let writer = Writer::start(&w.bj, "live-", Duration::from_millis(10))?;
+    let dupid = w.bj.add_full_dup(TABLE, "tj", &[])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.bj.shipper_metric("dup_checkpoint_target_disk_full")? < f64::from(PARTITIONS) {
+        if Instant::now() > deadline {
+            bail!(
+                "the full-disk alarm is up for {} of {PARTITIONS} partitions after 60 s\n{}",
+                w.bj.shipper_metric("dup_checkpoint_target_disk_full")?,
+                w.bj.log_text("shipper")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(w.bj.dup_status(TABLE, dupid)?, "DS_APP");
+    assert!(w
+        .tj
+        .log_text("receiver")
+        .contains("No space left on device"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = w.bj.ferry_ok(&["status"])?;
+        if status.contains("target disk full") && status.contains("the target's disk is full") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("ferry status does not show the full disk after 30 s:\n{status}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("{status}");
+
+    disk.resize("64m")?;
+    w.bj.wait_dup_status(TABLE, dupid, "DS_LOG", Duration::from_secs(120))?;
+    assert_eq!(w.bj.shipper_metric("dup_checkpoint_target_disk_full")?, 0.0);
+    assert!(w
+        .bj
+        .log_text("shipper")
+        .contains("the target has disk space again"));
+    let acked = writer.stop()?;
+    w.tj.node.wait_stage("serving", Duration::from_secs(30))?;
+    let entries = wait_converged(&w.bj, &w.tj, Duration::from_secs(60))?;
+    assert_eq!(entries, 40_000 + acked);
+    check_written(&w.tj, "live-", acked)?;
+    Ok(())
+}

@@ -88,7 +88,7 @@ async fn install_complete(
     dupid: DupId,
     info: &DupInfo,
 ) -> Result<Option<String>, MetaError> {
-    if info.extra.get("target_install_complete_at_ms").is_some() {
+    if info.extra.get(DupInfo::TARGET_INSTALL_COMPLETE).is_some() {
         return Ok(None);
     }
     let started = info
@@ -154,7 +154,7 @@ async fn install_complete(
         )));
     }
     let now = now_ms();
-    meta.update_dup_extra(table, dupid, "target_install_complete_at_ms", now.into())
+    meta.update_dup_extra(table, dupid, DupInfo::TARGET_INSTALL_COMPLETE, now.into())
         .await?;
     tracing::info!(%table, %dupid, remote = %info.remote, "install complete on both sides");
     Ok(None)

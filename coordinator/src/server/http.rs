@@ -23,11 +23,11 @@ use super::{election, Shared};
 use ferry_admin::api::{
     AddDup, CoordinatorView, CopyPartition, CopyView, CreateTable, DupView, ErrorBody, FollowTable,
     HealthView, InstallComplete, PartitionReceiver, PegasusAppDuplication, PegasusDup, SetFailMode,
-    SetTableState, StatusView, TableDetail, TableReceivers, TableView,
+    SetRate, SetTableState, StatusView, TableDetail, TableReceivers, TableView,
 };
 use ferry_meta::dups::DupPolicy;
 use ferry_meta::status::{DupEvent, DupStatus, FailMode};
-use ferry_meta::{list_nodes, now_ms, DupMode, MetaError, MetaStore, TableState};
+use ferry_meta::{list_nodes, now_ms, DupInfo, DupMode, MetaError, MetaStore, TableState};
 
 /// Header set on a forwarded request (its value names the standby that forwarded it).
 pub const FORWARDED_BY: &str = "x-ferry-forwarded-by";
@@ -76,6 +76,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             "/v1/tables/{table}/dups/{dupid}/fail_mode",
             put(set_fail_mode),
         )
+        .route("/v1/tables/{table}/dups/{dupid}/rate", put(set_rate))
         .route("/meta/app/duplication", get(pegasus_app_duplication))
         .layer(middleware::from_fn_with_state(shared.clone(), leader_only));
     Router::new()
@@ -290,12 +291,19 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
         .collect();
     let mut dups = std::collections::BTreeMap::new();
     let mut progress = Vec::new();
+    let mut copies = Vec::new();
     let now = ferry_meta::now_ms();
     for (table, dupid, d) in meta.all_dups().await? {
         *dups.entry(d.status.as_str().to_string()).or_insert(0) += 1;
         let Ok(info) = meta.table(&table).await else {
             continue;
         };
+        if d.mode == DupMode::Full && d.status != DupStatus::Removed {
+            let copy = copy_view(&shared, &meta, &table, dupid, &d).await?;
+            if copy.complete < info.partition_count {
+                copies.push(copy);
+            }
+        }
         for p in 0..info.partition_count {
             let Some(pr) = meta
                 .progress(&table, dupid, ferry_proto::PartitionId(p))
@@ -332,6 +340,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
         tables: meta.list_tables().await?.len(),
         dups,
         progress,
+        copies,
     }))
 }
 
@@ -535,7 +544,7 @@ async fn add_dup(
             extra.insert("remote_partitions".into(), n.into());
         }
         if let Some(r) = req.rate_bytes.filter(|r| *r > 0) {
-            extra.insert("checkpoint_rate_bytes".into(), r.into());
+            extra.insert(DupInfo::CHECKPOINT_RATE.into(), r.into());
         }
         DupMode::Full
     } else {
@@ -567,21 +576,38 @@ async fn dup_copy(
 ) -> ApiResult<CopyView> {
     let meta = leader(&shared)?;
     let dupid = DupId(dupid);
-    let info = meta.dup(&table, dupid).await?;
+    let info = full_dup(&meta, &table, dupid).await?;
+    Ok(Json(copy_view(&shared, &meta, &table, dupid, &info).await?))
+}
+
+/// The dup, which must be a full one: an incremental dup copies no checkpoint.
+async fn full_dup(meta: &MetaStore, table: &str, dupid: DupId) -> Result<DupInfo, ApiError> {
+    let info = meta.dup(table, dupid).await?;
     if info.mode != DupMode::Full {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("dup {dupid} of table {table} is incremental; it copies no checkpoint"),
+            format!("dup {dupid} of table {table} is incremental: it copies no checkpoint"),
         ));
     }
-    let count = meta.table(&table).await?.partition_count;
-    let checkpoints = meta.checkpoints(&table, dupid, count).await?;
-    let transfers = meta.transfers(&table, dupid, count).await?;
+    Ok(info)
+}
+
+/// A full dup's copy, per partition, from its checkpoint and transfer records.
+async fn copy_view(
+    shared: &Shared,
+    meta: &MetaStore,
+    table: &str,
+    dupid: DupId,
+    info: &DupInfo,
+) -> Result<CopyView, MetaError> {
+    let count = meta.table(table).await?.partition_count;
+    let checkpoints = meta.checkpoints(table, dupid, count).await?;
+    let transfers = meta.transfers(table, dupid, count).await?;
     let mut view = CopyView {
         dupid,
-        table: table.clone(),
+        table: table.to_owned(),
         status: info.status.as_str().into(),
-        waiting: shared.stall(&table, dupid),
+        waiting: shared.stall(table, dupid),
         bytes_done: 0,
         bytes_total: 0,
         rate: 0.0,
@@ -618,7 +644,7 @@ async fn dup_copy(
             install_complete_at_ms: cp.and_then(|c| c.install_complete_at_ms),
         });
     }
-    Ok(Json(view))
+    Ok(view)
 }
 
 async fn pause_dup(
@@ -671,6 +697,28 @@ async fn set_fail_mode(
         table,
         info,
     }))
+}
+
+/// A full dup's checkpoint bandwidth (`ferry dup set-rate`); the shippers see it through their
+/// dup watch.
+async fn set_rate(
+    State(shared): State<Arc<Shared>>,
+    Path((table, dupid)): Path<(String, u64)>,
+    Json(req): Json<SetRate>,
+) -> ApiResult<DupView> {
+    let meta = leader(&shared)?;
+    let dupid = DupId(dupid);
+    full_dup(&meta, &table, dupid).await?;
+    let info = meta
+        .update_dup_extra(
+            &table,
+            dupid,
+            DupInfo::CHECKPOINT_RATE,
+            req.rate_bytes.into(),
+        )
+        .await?;
+    tracing::info!(%table, %dupid, rate_bytes = req.rate_bytes, "dup checkpoint rate");
+    Ok(Json(DupView { dupid, table, info }))
 }
 
 async fn pegasus_app_duplication(

@@ -19,6 +19,7 @@
 //! | POST | `/v1/tables/{table}/dups/{dupid}/pause` | | [`DupView`] |
 //! | POST | `/v1/tables/{table}/dups/{dupid}/start` | | [`DupView`] |
 //! | PUT | `/v1/tables/{table}/dups/{dupid}/fail_mode` | [`SetFailMode`] | [`DupView`] |
+//! | PUT | `/v1/tables/{table}/dups/{dupid}/rate` | [`SetRate`] | [`DupView`] (a full dup's checkpoint bandwidth) |
 //! | DELETE | `/v1/tables/{table}/dups/{dupid}` | | [`DupView`] (status `DS_REMOVED`) |
 //! | GET | `/meta/app/duplication?name=T` | | [`PegasusAppDuplication`] |
 //! | GET | `/health` | | [`HealthView`] |
@@ -90,6 +91,14 @@ pub struct SetTableState {
 pub struct SetFailMode {
     /// `slow`, `skip`, `fast` (or `FAIL_SLOW`, ...).
     pub fail_mode: String,
+}
+
+/// `PUT /v1/tables/{table}/dups/{dupid}/rate`: a full dup's checkpoint bandwidth limit, bytes per
+/// second on the wire, shared by its partitions; 0 lifts it. It applies at once to a copy that
+/// runs and to every later one (a re-bootstrap).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SetRate {
+    pub rate_bytes: u64,
 }
 
 /// A table in a list.
@@ -200,6 +209,9 @@ pub struct StatusView {
     /// Every live dup's progress per partition, as its shippers last wrote it to etcd.
     #[serde(default)]
     pub progress: Vec<ProgressView>,
+    /// Every full dup whose install has not completed on every partition yet.
+    #[serde(default)]
+    pub copies: Vec<CopyView>,
 }
 
 /// One (dup, partition) in [`StatusView`].

@@ -130,19 +130,7 @@ impl TwoClusters {
         on_tj: bool,
     ) -> Result<TwoClusters> {
         let dir = tempfile::tempdir()?;
-        let certs = dir.path().join("certs");
-        let out = Command::new(bin_path("certs"))
-            .args(["init", "--out"])
-            .arg(&certs)
-            .args(["--cluster", "bj", "--cluster", "tj"])
-            .output()
-            .context("run certs init")?;
-        if !out.status.success() {
-            bail!(
-                "certs init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        let certs = make_certs(dir.path())?;
         let tj_side = tj_etcd.as_ref().unwrap_or(&etcd);
         let bj_addr = SocketAddr::new(etcd.place().ip, free_port());
         let tj_addr = SocketAddr::new(tj_side.place().ip, free_port());
@@ -185,6 +173,123 @@ impl TwoClusters {
             bj,
             tj,
         })
+    }
+}
+
+impl TwoClusters {
+    /// For a full duplication across the emulated `link`: bj (with its etcd) in namespace `a`,
+    /// tj (with its own etcd) in `b`, so every packet between the clusters crosses the link;
+    /// the table is created on bj only (as [`TwoClusters::start_source_only`]). Both
+    /// shippers and receivers size their QUIC windows for the link's RTT.
+    ///
+    /// Nothing in either namespace is reachable from this one: every call to a cluster (its
+    /// HTTP, the `ferry` CLI, etcd) must run in its namespace, e.g.
+    /// `link.a().enter(|| w.bj.ferry_ok(..))`; threads and processes started from there stay
+    /// there.
+    pub fn start_link(
+        table: &str,
+        bj_partitions: u32,
+        tj_partitions: u32,
+        link: &crate::link::Link,
+    ) -> Result<TwoClusters> {
+        let (a, b) = (link.a(), link.b());
+        let rtt_ms = (link.config().one_way * 2).as_millis().max(1) as u64;
+        let dir = tempfile::tempdir()?;
+        let certs = make_certs(dir.path())?;
+        let etcd = a.enter(|| Etcd::start_in(&a.place()))??;
+        let tj_etcd = b.enter(|| Etcd::start_in(&b.place()))??;
+        let bj_addr = SocketAddr::new(a.place().ip, free_port());
+        let tj_addr = SocketAddr::new(b.place().ip, free_port());
+        let start = |etcd: &Etcd, name: &str, id, addr, remote, partitions| -> Result<Cluster> {
+            let mut c = Cluster::start(
+                etcd,
+                dir.path(),
+                &certs,
+                name,
+                id,
+                addr,
+                remote,
+                table,
+                partitions,
+                "",
+            )?;
+            c.shipper_toml = format!("rtt_ms = {rtt_ms}\n");
+            if let Some(mut old) = c.shipper.take() {
+                old.terminate(Duration::from_secs(10));
+            }
+            c.start_shipper()?;
+            c.restart_receiver_with_flags(&["--rtt-ms", &rtt_ms.to_string()])?;
+            Ok(c)
+        };
+        let mut bj = a.enter(|| start(&etcd, "bj", 1, bj_addr, tj_addr, bj_partitions))??;
+        let tj = b.enter(|| start(&tj_etcd, "tj", 2, tj_addr, bj_addr, tj_partitions))??;
+        a.enter(|| -> Result<()> {
+            let partitions = bj.node.spec.partitions.to_string();
+            bj.ferry_ok(&["table", "create", table, "--partitions", &partitions])?;
+            bj.node.wait_stage("serving", Duration::from_secs(30))
+        })??;
+        Ok(TwoClusters {
+            etcd,
+            tj_etcd: Some(tj_etcd),
+            dir,
+            bj,
+            tj,
+        })
+    }
+}
+
+/// Makes the deployment's certificates for bj and tj under `dir/certs` (`certs init`).
+fn make_certs(dir: &Path) -> Result<PathBuf> {
+    let certs = dir.join("certs");
+    let out = Command::new(bin_path("certs"))
+        .args(["init", "--out"])
+        .arg(&certs)
+        .args(["--cluster", "bj", "--cluster", "tj"])
+        .output()
+        .context("run certs init")?;
+    if !out.status.success() {
+        bail!(
+            "certs init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(certs)
+}
+
+impl Cluster {
+    /// Restarts the receiver with more command-line flags after its `--config` (flags override
+    /// the file; `ReceiverSpec` writes `rtt_ms = 5`, which `--rtt-ms` replaces for a long
+    /// link). The flags are appended by a `sh` wrapper around this cluster's place.
+    pub fn restart_receiver_with_flags(&mut self, flags: &[&str]) -> Result<()> {
+        if let Some(mut r) = self.receiver.take() {
+            r.terminate(Duration::from_secs(10));
+        }
+        let place = self.place.clone();
+        let quoted: Vec<String> = flags.iter().map(|f| format!("'{f}'")).collect();
+        let mut prefix = vec![
+            "sh".to_string(),
+            "-c".into(),
+            format!("exec \"$@\" {}", quoted.join(" ")),
+            "sh".into(),
+        ];
+        prefix.extend(place.prefix.iter().cloned());
+        self.place = crate::netns::Place {
+            ip: place.ip,
+            prefix,
+        };
+        let started = self.start_receiver();
+        self.place = place;
+        started
+    }
+
+    /// The directory of the checkpoint this cluster's node keeps for full dup `dupid` of its
+    /// table's partition `partition` (until the install is complete).
+    pub fn checkpoint_dir(&self, partition: u32, dupid: u64) -> PathBuf {
+        ferry_log::layout::Layout::new(&self.node.data_dir).dup_checkpoint(
+            &self.node.spec.table,
+            ferry_proto::ids::PartitionId(partition),
+            ferry_proto::ids::DupId(dupid),
+        )
     }
 }
 

@@ -52,7 +52,8 @@ impl LogError {
 
     /// True when the error comes from a full disk: the write was refused and nothing changed.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, LogError::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+        matches!(self, LogError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
     }
 }
 

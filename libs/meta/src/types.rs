@@ -30,6 +30,24 @@ pub struct DupInfo {
     pub extra: Map<String, Value>,
 }
 
+impl DupInfo {
+    /// The `extra` field of a full dup's checkpoint bandwidth limit (bytes per second on the
+    /// wire, for the whole dup; 0 or absent: none), set by `dup add --rate-mb` and `dup set-rate`.
+    pub const CHECKPOINT_RATE: &'static str = "checkpoint_rate_bytes";
+
+    /// The `extra` field of a full dup's target-side install-complete event, ms since the Unix
+    /// epoch (the target's coordinator acknowledged it).
+    pub const TARGET_INSTALL_COMPLETE: &'static str = "target_install_complete_at_ms";
+
+    /// The checkpoint bandwidth limit, if there is one.
+    pub fn checkpoint_rate_bytes(&self) -> Option<u64> {
+        self.extra
+            .get(Self::CHECKPOINT_RATE)
+            .and_then(Value::as_u64)
+            .filter(|r| *r > 0)
+    }
+}
+
 /// How a dup starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -173,6 +191,10 @@ pub struct Transfer {
     /// Time left at that rate, if it can be told.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
+    /// Why the copy does not advance (the target's disk is full, a session failed), while it
+    /// does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
     pub updated_at_ms: u64,
     /// Fields this version does not know.
     #[serde(flatten)]

@@ -238,6 +238,9 @@ impl ErrorCode {
     /// one ends. Not a lost election: a shipper that sees it on a session it still uses
     /// reconnects.
     pub const SUPERSEDED: ErrorCode = ErrorCode(11);
+    /// The target's disk is full: nothing more is written until space frees. The sender keeps
+    /// what it holds and retries; nothing is lost.
+    pub const DISK_FULL: ErrorCode = ErrorCode(12);
 
     /// A short name for logs and metrics labels.
     pub fn name(self) -> &'static str {
@@ -253,6 +256,7 @@ impl ErrorCode {
             ErrorCode::UNAVAILABLE => "unavailable",
             ErrorCode::INTERNAL => "internal",
             ErrorCode::SUPERSEDED => "superseded",
+            ErrorCode::DISK_FULL => "disk_full",
             _ => "unknown",
         }
     }
