@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use ferry_admin::api::{
-    AddDup, CopyView, CreateTable, DupView, SetFailMode, SetRate, SetTableState, StatusView,
-    TableDetail, TableView,
+    AddDup, CopyView, CreateTable, DupView, RebootstrapView, SetFailMode, SetRate, SetTableState,
+    StatusView, TableDetail, TableView,
 };
 use ferry_admin::client::{AdminClient, ClientError};
 use ferry_meta::status::DupStatus;
@@ -612,6 +612,62 @@ fn render_status(s: &StatusView) -> String {
     if !s.copies.is_empty() {
         out.push('\n');
         out.push_str(&render_copies(&s.copies));
+    }
+    if !s.rebootstraps.is_empty() {
+        out.push('\n');
+        out.push_str(&render_rebootstraps(&s.rebootstraps));
+    }
+    out
+}
+
+/// The re-bootstrap rows of `ferry status`: each partition's last one.
+fn render_rebootstraps(rs: &[RebootstrapView]) -> String {
+    let rows = rs
+        .iter()
+        .map(|r| {
+            let state = match (&r.transfer, r.done_at_ms) {
+                (_, Some(ms)) => format!("done {}", time(ms)),
+                (Some(t), None) => format!(
+                    "{} {:.1}/{:.1} MB",
+                    t.state,
+                    t.bytes_done as f64 / 1e6,
+                    t.bytes_total as f64 / 1e6
+                ),
+                (None, None) => serde_json::to_value(r.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            };
+            vec![
+                r.table.clone(),
+                r.dupid.to_string(),
+                r.partition.to_string(),
+                r.generation.to_string(),
+                state,
+                r.confirmed_decree.to_string(),
+                r.decree.map_or("-".into(), |d| d.to_string()),
+                time(r.requested_at_ms),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "TABLE",
+            "DUPID",
+            "PARTITION",
+            "REBOOTSTRAP",
+            "STATE",
+            "CONFIRMED_THEN",
+            "CHECKPOINT",
+            "REQUESTED",
+        ],
+        rows,
+    );
+    for r in rs.iter().filter(|r| r.done_at_ms.is_none()) {
+        out.push_str(&format!(
+            "partition {} of table {} (dup {}) re-bootstraps: {}\n",
+            r.partition, r.table, r.dupid, r.reason
+        ));
     }
     out
 }

@@ -194,6 +194,56 @@ pub async fn watch_table(meta: MetaStore, node: Arc<Node>, cancel: CancellationT
     }
 }
 
+/// `below`, raised so that the plog segments the dups in `held_by` keep past `unheld` (what GC
+/// would collect without them) total at most `limit` bytes: the oldest go first. A dup whose
+/// confirmed decree ends up collected re-bootstraps the partition from a fresh checkpoint
+/// (its shipper finds the log gone). Logged.
+async fn hold_limited(
+    partition: &ferry_engine::partition::Partition,
+    below: Decree,
+    unheld: Decree,
+    limit: u64,
+    held_by: &[(ferry_proto::DupId, Decree)],
+) -> anyhow::Result<Decree> {
+    let dir = ferry_log::layout::plog_dir(partition.dir());
+    let segments = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(Decree, u64)>> {
+        let mut out = Vec::new();
+        for s in ferry_log::plog::list_segments(&dir)? {
+            let len = std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0);
+            out.push((s.first_decree, len));
+        }
+        Ok(out)
+    })
+    .await??;
+    // Segment i holds decrees [first_i, first_{i+1}); GC deletes it once first_{i+1} <=
+    // bound + 1. It is held for the dups if `unheld` would delete it and `below` does not.
+    let is_held = |w: &[(Decree, u64)]| w[1].0 > below.next() && w[1].0 <= unheld.next();
+    let mut held: u64 = segments
+        .windows(2)
+        .filter(|w| is_held(w))
+        .map(|w| w[0].1)
+        .sum();
+    let mut raised = below;
+    for w in segments.windows(2).filter(|w| is_held(w)) {
+        if held <= limit {
+            break;
+        }
+        held -= w[0].1;
+        raised = Decree(w[1].0 .0 - 1);
+    }
+    if raised > below {
+        let passed: Vec<String> = held_by
+            .iter()
+            .filter(|(_, c)| *c < raised)
+            .map(|(d, c)| format!("dup {d} (confirmed {c})"))
+            .collect();
+        tracing::warn!(partition = partition.id().0, limit, below = raised.0,
+            passed = %passed.join(", "),
+            "plog_hold_max_bytes reached: collecting the plog held for duplication up to this decree; those dups re-bootstrap the partition from a fresh checkpoint");
+    }
+    Ok(raised)
+}
+
 /// Deletes, every `interval`, the plog segments of each partition that every duplication of the
 /// table has confirmed (none without `meta`: a standalone node). A dup without progress yet
 /// holds everything after its checkpoint's decree (a full dup), or everything. The last `retain_decrees` records before the committed decree are always
@@ -232,6 +282,8 @@ async fn gc_once(meta: Option<&MetaStore>, node: &Node, retain_decrees: u64) -> 
         let p: PartitionId = partition.id();
         let committed = partition.committed_decree();
         let mut below = Decree(committed.0.saturating_sub(retain_decrees));
+        let unheld = below;
+        let mut held_by = Vec::new();
         for (meta, (dupid, _)) in dups.iter().filter_map(|d| Some((meta?, d))) {
             let confirmed = match meta
                 .progress(table, *dupid, p)
@@ -247,7 +299,14 @@ async fn gc_once(meta: Option<&MetaStore>, node: &Node, retain_decrees: u64) -> 
                     .map_err(|e| anyhow!("{e}"))?
                     .map_or(Decree(0), |c| c.manifest.decree),
             };
+            if confirmed < unheld {
+                held_by.push((*dupid, confirmed));
+            }
             below = below.min(confirmed);
+        }
+        let limit = node.config.plog_hold_max_bytes;
+        if limit > 0 && !held_by.is_empty() {
+            below = hold_limited(partition, below, unheld, limit, &held_by).await?;
         }
         let removed = partition
             .gc_inboxes()

@@ -77,6 +77,12 @@ pub struct NodeConfig {
     /// Records kept in the plog before the committed decree even when nothing holds them.
     /// Default 0.
     pub plog_retain_decrees: u64,
+    /// Most bytes of plog one partition keeps for duplications that have not confirmed them
+    /// (a long pause, a long outage). Past it the oldest segments are collected anyway, so the
+    /// source's disk never fills for a dup; the dup's shippers then re-bootstrap the partition
+    /// from a fresh checkpoint (or stop with an alarm, `shipper.on_log_gone`). 0: no limit.
+    /// Default 64 GiB.
+    pub plog_hold_max_bytes: u64,
 }
 
 impl Default for NodeConfig {
@@ -105,6 +111,7 @@ impl Default for NodeConfig {
             inbox_apply_interval: Duration::from_millis(2),
             plog_gc_interval: Duration::from_secs(10),
             plog_retain_decrees: 0,
+            plog_hold_max_bytes: 64 << 30,
         }
     }
 }

@@ -7,6 +7,7 @@
 //!
 //! [`Partition::apply_duplicated`]: ferry_engine::partition::Partition::apply_duplicated
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,19 +24,38 @@ const RESCAN: Duration = Duration::from_secs(1);
 
 /// Runs one applier task per partition until cancelled. Cancellation-safe: a cancelled apply
 /// either committed its RocksDB batch (with its progress) or did not.
-pub async fn run(partitions: Vec<Arc<Partition>>, interval: Duration, cancel: CancellationToken) {
+///
+/// `resets` counts inbox restarts (a re-bootstrap restarts a source's inbox after its
+/// checkpoint): when it moves, every applier starts over from the partition's progress.
+pub async fn run(
+    partitions: Vec<Arc<Partition>>,
+    interval: Duration,
+    resets: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) {
     let mut tasks = JoinSet::new();
     for p in partitions {
-        tasks.spawn(apply_partition(p, interval, cancel.clone()));
+        tasks.spawn(apply_partition(p, interval, resets.clone(), cancel.clone()));
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn apply_partition(partition: Arc<Partition>, interval: Duration, cancel: CancellationToken) {
+async fn apply_partition(
+    partition: Arc<Partition>,
+    interval: Duration,
+    resets: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) {
     let mut appliers: Vec<InboxApplier> = Vec::new();
     let mut scanned: Option<Instant> = None;
     let mut failing = false;
+    let mut seen = resets.load(Ordering::Acquire);
     loop {
+        if resets.load(Ordering::Acquire) != seen {
+            seen = resets.load(Ordering::Acquire);
+            appliers.clear();
+            scanned = None;
+        }
         if scanned.is_none_or(|t| t.elapsed() >= RESCAN) {
             scanned = Some(Instant::now());
             let dir = partition.dir().to_path_buf();

@@ -214,6 +214,7 @@ async fn install_loop(
                     .map_err(|e| anyhow!("cannot install partition {p} of table `{table}`: {e}"))?;
                     tracing::info!(
                         partition = p.0,
+                        opened_directly = report.opened_directly,
                         keys = report.keys,
                         sst_bytes = report.sst_bytes,
                         "partition installed from the source's checkpoints"

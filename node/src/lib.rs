@@ -28,6 +28,7 @@ pub mod inbox_apply;
 pub mod install;
 pub mod metrics;
 pub mod prepare;
+pub mod rebootstrap;
 pub mod resp;
 pub mod scan;
 
@@ -59,6 +60,8 @@ pub struct Node {
     /// Set while the table refuses writes (`read_only`, `demoted`): the error to answer with.
     write_block: parking_lot::RwLock<Option<String>>,
     write_blocked: std::sync::atomic::AtomicBool,
+    /// Inbox restarts by a re-bootstrap: the inbox appliers start over when it moves.
+    pub inbox_resets: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Node {
@@ -74,6 +77,7 @@ impl Node {
             resp_addr,
             write_block: parking_lot::RwLock::new(None),
             write_blocked: std::sync::atomic::AtomicBool::new(false),
+            inbox_resets: Arc::default(),
         }
     }
 
@@ -265,6 +269,7 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
     tasks.spawn(inbox_apply::run(
         node.table.partitions().to_vec(),
         node.config.inbox_apply_interval,
+        node.inbox_resets.clone(),
         background.clone(),
     ));
     if let Some(m) = &member {
@@ -284,6 +289,7 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
             node.config.clone(),
             background.clone(),
         ));
+        tasks.spawn(rebootstrap::run(node.clone(), background.clone()));
     }
     tasks.spawn(cluster::gc_plogs(
         member.as_ref().map(|m| m.meta.clone()),

@@ -9,6 +9,11 @@
 //! Every step survives a kill -9: a checkpoint made but not yet published is verified and
 //! published; a half-made one fails verification, is deleted and made again; a published one
 //! never changes (etcd keeps the first). Checkpoints of dups that are gone are deleted.
+//!
+//! A re-bootstrap (the shipper found the log collected past what the dup confirmed, see
+//! `dups/<table>/<dupid>/rebootstrap/<p>`) gets its fresh checkpoint here too, in
+//! `checkpoints/rebootstrap-<dupid>-<generation>/`, recorded in the re-bootstrap record and kept
+//! until the re-bootstrap is done.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,9 +23,9 @@ use anyhow::{anyhow, Context as _};
 use tokio_util::sync::CancellationToken;
 
 use ferry_engine::partition::Partition;
-use ferry_log::layout::{db_dir, Layout};
+use ferry_log::layout::{db_dir, Layout, REBOOTSTRAP_PREFIX};
 use ferry_meta::status::DupStatus;
-use ferry_meta::{DupCheckpoint, MetaStore};
+use ferry_meta::{DupCheckpoint, MetaStore, RebootstrapState};
 use ferry_proto::{CheckpointManifest, DupId};
 
 use crate::Node;
@@ -86,9 +91,10 @@ async fn once(meta: &MetaStore, node: &Node, node_name: &str) -> anyhow::Result<
             );
         }
     }
+    let count = node.table.partition_count();
+    let live_rebootstraps = rebootstraps(meta, node, node_name, &dups).await?;
     // A kept checkpoint is deleted once its dup is gone or its install-complete event fired,
     // on the blocking pool.
-    let count = node.table.partition_count();
     let mut keep: Vec<(PathBuf, Vec<DupId>)> = node
         .table
         .partitions()
@@ -113,7 +119,72 @@ async fn once(meta: &MetaStore, node: &Node, node_name: &str) -> anyhow::Result<
             }
         }
     }
-    tokio::task::spawn_blocking(move || delete_unless_live(&keep)).await?
+    tokio::task::spawn_blocking(move || {
+        delete_unless_live(&keep)?;
+        let dirs: Vec<PathBuf> = keep.into_iter().map(|(dir, _)| dir).collect();
+        delete_rebootstraps_unless(&dirs, &live_rebootstraps)
+    })
+    .await?
+}
+
+/// Makes the checkpoint of every re-bootstrap a shipper requested (its log was collected past
+/// what the dup confirmed) and records it. Returns the re-bootstrap checkpoint directories still
+/// needed.
+async fn rebootstraps(
+    meta: &MetaStore,
+    node: &Node,
+    node_name: &str,
+    dups: &[(DupId, ferry_meta::DupInfo)],
+) -> anyhow::Result<Vec<PathBuf>> {
+    let table = node.table.name();
+    let layout = Layout::new(&node.config.data_dir);
+    let mut live = Vec::new();
+    for (dupid, _) in dups.iter().filter(|(_, d)| d.status != DupStatus::Removed) {
+        let records = meta
+            .rebootstraps(table, *dupid, node.table.partition_count())
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        for (partition, r) in node.table.partitions().iter().zip(records) {
+            let Some(r) = r.filter(|r| r.is_open()) else {
+                continue;
+            };
+            let p = partition.id();
+            let dir = layout.dup_rebootstrap(table, p, *dupid, r.generation);
+            live.push(dir.clone());
+            if r.state != RebootstrapState::Requested {
+                continue;
+            }
+            let manifest = make_or_reuse(partition, &dir).await?;
+            let record = DupCheckpoint {
+                manifest,
+                lineage: lineage(&layout.partition(table, p))?,
+                node: node_name.to_string(),
+                made_at_ms: ferry_engine::clock::wall_ms(),
+                catch_up_to: None,
+                install_complete_at_ms: None,
+                extra: Default::default(),
+            };
+            let (decree, files) = (record.manifest.decree, record.manifest.files.len());
+            meta.update_rebootstrap(table, *dupid, p, |x| {
+                if x.generation == r.generation && x.state == RebootstrapState::Requested {
+                    x.state = RebootstrapState::Checkpointed;
+                    x.checkpoint = Some(record.clone());
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+            tracing::info!(
+                dupid = dupid.0,
+                partition = p.0,
+                generation = r.generation,
+                decree = decree.0,
+                files,
+                "re-bootstrap: fresh checkpoint made"
+            );
+        }
+    }
+    Ok(live)
 }
 
 /// The checkpoint in `dir` if a previous run made it whole, else a new one (what a crash left
@@ -147,6 +218,33 @@ fn reuse_or_clear(dir: &Path) -> anyhow::Result<Option<CheckpointManifest>> {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
     Ok(None)
+}
+
+/// Deletes the re-bootstrap checkpoints under each of `dirs` that are not in `live` (done, or
+/// their dup is gone). Blocking.
+fn delete_rebootstraps_unless(dirs: &[PathBuf], live: &[PathBuf]) -> anyhow::Result<()> {
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("list {}", dir.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("list {}", dir.display()))?;
+            let path = entry.path();
+            let ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(REBOOTSTRAP_PREFIX));
+            if ours && !live.contains(&path) {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("delete the checkpoint {}", path.display()))?;
+                tracing::info!(dir = %path.display(),
+                    "re-bootstrap checkpoint deleted (the re-bootstrap is done, or its dup was removed)");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Deletes the kept checkpoints under each directory whose dup is not in its list. Blocking.

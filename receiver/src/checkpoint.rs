@@ -351,7 +351,7 @@ impl Session {
         end
     }
 
-    /// The target table must be this dup's follower, still being filled, placed here in full.
+    /// The target table must be placed here in full; a follower table must be this dup's.
     async fn check_follower(&self, hello: &Hello) -> Result<(), Refusal> {
         let unknown = |message: String| Refusal {
             code: ErrorCode::UNKNOWN_TABLE,
@@ -376,34 +376,25 @@ impl Session {
                 })
             }
         };
-        let Some(f) = &desc.info.follower else {
-            return Err(unknown(format!(
-                "table `{}` on cluster {} is not the target of a full duplication; a checkpoint \
-                 can only be sent to a table the dup created",
-                hello.table, self.ctx.config.cluster.name
-            )));
-        };
-        if f.source_cluster != self.peer.cluster || f.dupid != hello.dupid {
-            return Err(unknown(format!(
-                "table `{}` is the target of dup {} from {}, not of dup {} from {}",
-                hello.table, f.dupid, f.source_cluster, hello.dupid, self.peer.cluster
-            )));
-        }
-        if hello.partition.0 >= f.source_partitions {
-            return Err(unknown(format!(
-                "source partition {} is out of range: the dup copies {} partitions",
-                hello.partition, f.source_partitions
-            )));
+        // A table that serves takes a checkpoint too: a re-bootstrap of a partition whose log
+        // the source collected. Its node applies it, last-writer-wins.
+        if let Some(f) = &desc.info.follower {
+            if f.source_cluster != self.peer.cluster || f.dupid != hello.dupid {
+                return Err(unknown(format!(
+                    "table `{}` is the target of dup {} from {}, not of dup {} from {}",
+                    hello.table, f.dupid, f.source_cluster, hello.dupid, self.peer.cluster
+                )));
+            }
+            if hello.partition.0 >= f.source_partitions {
+                return Err(unknown(format!(
+                    "source partition {} is out of range: the dup copies {} partitions",
+                    hello.partition, f.source_partitions
+                )));
+            }
         }
         if desc.info.state != TableState::Creating {
-            return Err(Refusal {
-                code: ErrorCode::UNAVAILABLE,
-                message: format!(
-                    "table `{}` is {} already: its checkpoints are installed, so the dup ships \
-                     the log from here on",
-                    hello.table, desc.info.state
-                ),
-            });
+            tracing::info!(table = %hello.table, dupid = %hello.dupid, source_partition = hello.partition.0,
+                state = %desc.info.state, "a checkpoint for a table that serves: a re-bootstrap");
         }
         let node = &self.ctx.config.receiver.node;
         let here = desc

@@ -243,6 +243,23 @@ impl Session {
         .await
         .map_err(|e| End::Failed(ErrorCode::INTERNAL, e.to_string()))?;
         let confirmed = confirmed(&writers);
+        let staging = ferry_log::layout::Layout::new(&ctx.config.receiver.data_dir)
+            .staging(&hello.table, source);
+        if let Ok(Ok(Some(m))) =
+            tokio::task::spawn_blocking(move || ferry_log::staging::staged_manifest(&staging)).await
+        {
+            if m.decree > confirmed {
+                return Err(End::Refused(Refusal {
+                    code: ErrorCode::UNAVAILABLE,
+                    message: format!(
+                        "a re-bootstrap checkpoint of source partition {} at decree {} is staged \
+                         here and not applied yet (the inboxes hold up to {confirmed}); node {} \
+                         applies it, then shipping resumes after it",
+                        hello.partition, m.decree, ctx.config.receiver.node
+                    ),
+                }));
+            }
+        }
         if stop.is_stopped() {
             return Ok((admitted, None));
         }

@@ -24,7 +24,7 @@ use ferry_admin::client::AdminClient;
 use ferry_dup::transfer::{SendCheckpoint, SendEvent, TransferConfig, TransferProgress};
 use ferry_log::layout::Layout;
 use ferry_meta::status::DupStatus;
-use ferry_meta::DupInfo;
+use ferry_meta::{DupCheckpoint, DupInfo};
 use ferry_net::{send_frame, FrameReader};
 use ferry_proto::checkpoint::DB_DIR;
 use ferry_proto::wire::{self, ErrorCode, Frame, Hello, Purpose};
@@ -62,6 +62,42 @@ pub async fn run(
     token: u64,
     cancel: &CancellationToken,
 ) -> Option<Result<(), String>> {
+    copy(shared, key, dup, token, cancel, &Copy::Initial).await
+}
+
+/// Which checkpoint a transfer sends.
+#[derive(Debug, Clone)]
+pub enum Copy {
+    /// The full dup's own (`DS_APP`), published in `dups/<table>/<dupid>/checkpoint/<p>`.
+    Initial,
+    /// A re-bootstrap's fresh checkpoint (`DS_LOG`), from its record.
+    Rebootstrap {
+        generation: u32,
+        checkpoint: Box<DupCheckpoint>,
+    },
+}
+
+impl Copy {
+    /// The dup status the transfer runs in.
+    fn phase(&self) -> DupStatus {
+        match self {
+            Copy::Initial => DupStatus::App,
+            Copy::Rebootstrap { .. } => DupStatus::Log,
+        }
+    }
+}
+
+/// Runs transfer sessions of `what` until it is staged. The initial copy then waits until the
+/// dup leaves `DS_APP`; a re-bootstrap returns at once. Returns `None` when the caller ships
+/// the log next, or the reason the term ends.
+pub async fn copy(
+    shared: &Arc<Shared>,
+    key: &Key,
+    dup: &mut watch::Receiver<DupInfo>,
+    token: u64,
+    cancel: &CancellationToken,
+    what: &Copy,
+) -> Option<Result<(), String>> {
     let mut backoff = Duration::from_millis(200);
     let mut staged = false;
     let disk_full = shared
@@ -73,7 +109,14 @@ pub async fn run(
         if cancel.is_cancelled() {
             return Some(Ok(()));
         }
-        if dup.borrow().status != DupStatus::App {
+        if dup.borrow().status != what.phase() {
+            return match what {
+                Copy::Initial => None,
+                // Paused or removed: the partition task ends.
+                Copy::Rebootstrap { .. } => Some(Ok(())),
+            };
+        }
+        if staged && matches!(what, Copy::Rebootstrap { .. }) {
             return None;
         }
         if staged {
@@ -85,7 +128,7 @@ pub async fn run(
             continue;
         }
         let outcome = tokio::select! {
-            o = session(shared, key, dup, token) => o,
+            o = session(shared, key, dup, token, what) => o,
             _ = cancel.cancelled() => return Some(Ok(())),
         };
         match outcome {
@@ -171,25 +214,38 @@ async fn session(
     key: &Key,
     dup: &mut watch::Receiver<DupInfo>,
     token: u64,
+    what: &Copy,
 ) -> Outcome {
     let info = dup.borrow().clone();
     let s = &shared.config.shipper;
     shared.board.with(key, |e| e.state = State::Connecting);
-    let cp = match shared
-        .meta
-        .checkpoint(&key.table, key.dupid, key.partition)
-        .await
-    {
-        Ok(Some(cp)) => cp,
-        Ok(None) => {
-            return Outcome::Failed(format!(
-                "dup {} has no published checkpoint of partition {} yet",
-                key.dupid, key.partition
-            ))
+    let layout = Layout::new(&s.data_dir);
+    let (cp, dir) = match what {
+        Copy::Initial => match shared
+            .meta
+            .checkpoint(&key.table, key.dupid, key.partition)
+            .await
+        {
+            Ok(Some(cp)) => {
+                let dir = layout.dup_checkpoint(&key.table, key.partition, key.dupid);
+                (cp, dir)
+            }
+            Ok(None) => {
+                return Outcome::Failed(format!(
+                    "dup {} has no published checkpoint of partition {} yet",
+                    key.dupid, key.partition
+                ))
+            }
+            Err(e) => return Outcome::Failed(format!("cannot read the checkpoint from etcd: {e}")),
+        },
+        Copy::Rebootstrap {
+            generation,
+            checkpoint,
+        } => {
+            let dir = layout.dup_rebootstrap(&key.table, key.partition, key.dupid, *generation);
+            ((**checkpoint).clone(), dir)
         }
-        Err(e) => return Outcome::Failed(format!("cannot read the checkpoint from etcd: {e}")),
     };
-    let dir = Layout::new(&s.data_dir).dup_checkpoint(&key.table, key.partition, key.dupid);
     if !dir.join(DB_DIR).is_dir() {
         return Outcome::Failed(format!(
             "the checkpoint of partition {} for dup {} is not in {} on this node (made by node {}); \
@@ -437,7 +493,7 @@ async fn session(
                     break Outcome::Left;
                 }
                 let info = dup.borrow().clone();
-                if info.status != DupStatus::App {
+                if info.status != what.phase() {
                     break Outcome::Left;
                 }
                 let rate = rate_of(&info, partitions);

@@ -116,6 +116,22 @@ pub struct ShipperSection {
     pub checkpoint_lanes: usize,
     /// Bytes of a checkpoint file per chunk. Default 1 MiB, at most 4 MiB.
     pub checkpoint_chunk_bytes: u32,
+    /// What a partition does when the plog no longer holds what its dup must ship next (the
+    /// source collected it past `node.plog_hold_max_bytes`): `rebootstrap` (default) fills the
+    /// target again from a fresh checkpoint, then ships the log after it; `stop` stops the
+    /// partition with an alarm for the operator.
+    pub on_log_gone: OnLogGone,
+}
+
+/// `shipper.on_log_gone`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLogGone {
+    /// Re-bootstrap the partition from a fresh checkpoint.
+    #[default]
+    Rebootstrap,
+    /// Stop the partition and raise an alarm.
+    Stop,
 }
 
 impl Default for ShipperSection {
@@ -141,6 +157,7 @@ impl Default for ShipperSection {
             checkpoint_lanes: 4,
             checkpoint_chunk_bytes: 1 << 20,
             congestion: Congestion::Cubic,
+            on_log_gone: OnLogGone::Rebootstrap,
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod quic;
+pub mod rebootstrap;
 pub mod resume;
 pub mod server;
 pub mod session;

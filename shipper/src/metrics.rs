@@ -69,6 +69,10 @@ pub struct Metrics {
     /// 1 while the partition's checkpoint copy is paused by a full disk on the target (an
     /// alarm).
     pub checkpoint_target_disk_full: Family<Labels, Gauge>,
+    /// Re-bootstraps done (the log was gone; the partition was filled from a fresh checkpoint).
+    pub rebootstraps: Family<Labels, Counter>,
+    /// 1 while the partition re-bootstraps.
+    pub rebootstrap_active: Family<Labels, Gauge>,
 }
 
 fn lag_histogram() -> Histogram {
@@ -111,6 +115,8 @@ impl Metrics {
             checkpoint_in_flight: Family::default(),
             checkpoint_rate_limit: Family::default(),
             checkpoint_target_disk_full: Family::default(),
+            rebootstraps: Family::default(),
+            rebootstrap_active: Family::default(),
         };
         registry.register(
             "dup_shipped_ops",
@@ -207,6 +213,16 @@ impl Metrics {
             "1 while the checkpoint copy is paused because the target's disk is full (an alarm: free space there)",
             m.checkpoint_target_disk_full.clone(),
         );
+        registry.register(
+            "dup_rebootstraps",
+            "re-bootstraps done: the plog was collected past what the dup confirmed, so the partition was filled again from a fresh checkpoint",
+            m.rebootstraps.clone(),
+        );
+        registry.register(
+            "dup_rebootstrap_active",
+            "1 while the partition re-bootstraps from a fresh checkpoint",
+            m.rebootstrap_active.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -230,6 +246,8 @@ impl Metrics {
         self.checkpoint_in_flight.remove(l);
         self.checkpoint_rate_limit.remove(l);
         self.checkpoint_target_disk_full.remove(l);
+        self.rebootstraps.remove(l);
+        self.rebootstrap_active.remove(l);
         for kind in ["file", "wire", "present"] {
             let mut k = l.clone();
             k.push(("kind".into(), kind.into()));

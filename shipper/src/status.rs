@@ -42,6 +42,9 @@ pub enum State {
     Staged,
     /// Full dup (`DS_APP`): the target's disk is full; the copy waits and retries.
     TargetDiskFull,
+    /// The log was collected past what the dup confirmed: the partition is filled again from a
+    /// fresh checkpoint (the copy itself shows as `copying`).
+    Rebootstrapping,
 }
 
 /// One partition's entry.
@@ -65,6 +68,8 @@ pub struct Entry {
     pub retained_bytes: u64,
     /// Full dup: the checkpoint transfer's progress, once one started.
     pub checkpoint: Option<ferry_dup::transfer::TransferProgress>,
+    /// A re-bootstrap sent its checkpoint: (generation, decree). Done once confirmed gets there.
+    pub rebootstrap: Option<(u32, ferry_proto::Decree)>,
 }
 
 /// `GET /replica/duplication` rows.
@@ -116,6 +121,7 @@ impl Entry {
             last_error: None,
             retained_bytes: 0,
             checkpoint: None,
+            rebootstrap: None,
         }
     }
 

@@ -2,8 +2,9 @@
 //! sends the checkpoint: [`crate::checkpoint`]): campaign, and while leading, run sessions one
 //! after the other (retrying by fail mode) and persist the confirmed decree to
 //! etcd every `progress_interval`. Leadership lost → stop shipping at once and campaign again.
-//! FAIL_FAST, or a start decree that GC removed → stop and wait for the operator (a change of
-//! fail mode, or pause/start, begins again).
+//! FAIL_FAST → stop and wait for the operator (a change of fail mode, or pause/start, begins
+//! again). A start decree that GC removed → re-bootstrap the partition from a fresh checkpoint
+//! ([`crate::rebootstrap`]), or stop with an alarm if `shipper.on_log_gone = "stop"`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,8 +17,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::checkpoint;
+use crate::config::OnLogGone;
 use crate::election::{self, Leadership};
 use crate::metrics::labels;
+use crate::rebootstrap;
 use crate::server::Shared;
 use crate::session::{self, Carry, Confirmed, Failure, SessionCtx};
 use crate::status::{Key, State};
@@ -198,6 +201,7 @@ async fn sessions(
     let mut retry = Retry::new(fail_mode(dup.borrow().fail_mode));
     let mut carry = Carry::default();
     let mut last_logged: Option<String> = None;
+    rebootstrap::take_up(shared, key).await;
     loop {
         let info = dup.borrow_and_update().clone();
         retry.set_mode(fail_mode(info.fail_mode));
@@ -220,9 +224,18 @@ async fn sessions(
         let action = match &failure {
             Failure::Cancelled => return TermEnd::Cancelled,
             Failure::Fenced(m) => return TermEnd::Lost(m.clone()),
+            Failure::Gone(m) if shared.config.shipper.on_log_gone == OnLogGone::Rebootstrap => {
+                let at = confirmed.lock().unwrap_or_else(|p| p.into_inner()).decree;
+                match rebootstrap::run(shared, key, dup, *token, at, m, cancel).await {
+                    rebootstrap::End::Sent => continue,
+                    rebootstrap::End::Cancelled => return TermEnd::Cancelled,
+                    rebootstrap::End::Fenced(why) => return TermEnd::Lost(why),
+                }
+            }
             Failure::Gone(m) => {
-                tracing::error!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, "{m}");
-                return TermEnd::Stopped(m.clone());
+                let why = format!("{m}; shipper.on_log_gone is `stop`, so the partition stops: set it to `rebootstrap`, or remove the dup and add it again with --full");
+                tracing::error!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, "ALARM: {why}");
+                return TermEnd::Stopped(why);
             }
             Failure::Batch(_) => retry.on_failure(),
             Failure::Transport(_) => retry.on_transport_failure(),
@@ -324,6 +337,7 @@ async fn write_progress(
     fenced
         .advance_progress(&key.table, key.dupid, key.partition, &p)
         .await?;
+    rebootstrap::done_if_confirmed(shared, key, c.decree).await;
     *last = Some((c.decree, committed, last_error));
     Ok(())
 }

@@ -60,6 +60,8 @@ struct World {
     shipper: tokio::task::JoinHandle<Result<()>>,
     cancel: CancellationToken,
     coordinator_addr: SocketAddr,
+    /// More `[shipper]` lines for the next shipper started.
+    shipper_toml: String,
 }
 
 impl World {
@@ -146,6 +148,7 @@ impl World {
             shipper: tokio::spawn(async { Ok(()) }),
             cancel: CancellationToken::new(),
             coordinator_addr,
+            shipper_toml: String::new(),
         })
     }
 
@@ -165,11 +168,12 @@ impl World {
              [shipper]\nnode = \"{SOURCE_NODE}\"\ndata_dir = \"{}\"\ncerts_dir = \"{}\"\n\
              http_addr = \"{http}\"\nlease_ttl = \"2s\"\netcd_timeout = \"1s\"\n\
              progress_interval = \"200ms\"\nreconcile_interval = \"300ms\"\n\
-             duplicate_log_batch_bytes = 2048\nwindow_batches = 4\nbandwidth_mbps = 100\nrtt_ms = 5\n",
+             duplicate_log_batch_bytes = 2048\nwindow_batches = 4\nbandwidth_mbps = 100\nrtt_ms = 5\n{}",
             self.etcd.endpoint(),
             self.coordinator_addr,
             self.dir.path().join("bj-data").display(),
             self.dir.path().join("certs").display(),
+            self.shipper_toml,
         ))?;
         config.validate()?;
         let cancel = CancellationToken::new();
@@ -543,8 +547,9 @@ async fn a_missing_target_table_is_retried_then_stops_under_fail_fast() -> Resul
     Ok(())
 }
 
-/// The records after a partition's confirmed decree were garbage-collected: that partition
-/// stops with a clear "no longer available, full duplication needed" error, and the others ship
+/// The records after a partition's confirmed decree were garbage-collected, and the shipper is
+/// told to stop then (`on_log_gone = "stop"`; by default it re-bootstraps, see
+/// `tests/tests/rebootstrap.rs`): that partition stops with a clear error, and the others ship
 /// on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> {
@@ -578,6 +583,7 @@ async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> 
         .join("plog");
     let removed = ferry_log::plog::remove_segments_below(&plog0, Decree(150))?;
     assert!(!removed.is_empty());
+    w.shipper_toml = "on_log_gone = \"stop\"\n".into();
     w.start_shipper()?;
     let rows = w
         .wait_rows("p0 stopped, p1 caught up", |r| {
@@ -594,7 +600,7 @@ async fn a_start_decree_removed_by_gc_stops_only_that_partition() -> Result<()> 
         .context("row of p0")?;
     let e = p0.last_error.as_deref().unwrap_or_default();
     assert!(e.contains("start decree 6 is no longer"), "{e}");
-    assert!(e.contains("full duplication"), "{e}");
+    assert!(e.contains("on_log_gone is `stop`"), "{e}");
     assert_eq!(p0.confirmed_decree, 5);
     assert_eq!(p0.pending_mutations, 195);
     assert!(

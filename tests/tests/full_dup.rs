@@ -16,12 +16,77 @@ use ferry_tests::dup::{
 
 const TABLE: &str = "users";
 
+/// What bj holds before the dup: `keys` keys `old:<i>`.
+#[derive(Clone, Copy)]
+enum Fill {
+    /// 20,000 values of 200 × `x`: several SSTs' worth of chunks, which compress well.
+    Small,
+    /// `keys` values of `value_bytes` random bytes each (incompressible), `random_value(i)`.
+    Random { keys: u32, value_bytes: usize },
+}
+
+impl Fill {
+    fn keys(self) -> u32 {
+        match self {
+            Fill::Small => 20_000,
+            Fill::Random { keys, .. } => keys,
+        }
+    }
+
+    fn value(self, i: u32) -> Vec<u8> {
+        match self {
+            Fill::Small => b"x".repeat(200),
+            Fill::Random { value_bytes, .. } => random_value(i, value_bytes),
+        }
+    }
+
+    /// How long each phase may take: the copy of 1 GB needs more than a small table.
+    fn timeout(self) -> Duration {
+        match self {
+            Fill::Small => Duration::from_secs(90),
+            Fill::Random { .. } => Duration::from_secs(900),
+        }
+    }
+}
+
+/// `len` pseudo-random bytes determined by `i` (xorshift), so a test can check any value.
+fn random_value(i: u32, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (u64::from(i) << 1 | 1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn fill(con: &mut redis::Connection, fill: Fill) -> Result<()> {
+    for chunk in (0..fill.keys()).collect::<Vec<_>>().chunks(200) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            pipe.cmd("SET")
+                .arg(format!("old:{i}"))
+                .arg(fill.value(*i))
+                .ignore();
+        }
+        pipe.query::<()>(con)?;
+    }
+    Ok(())
+}
+
 /// Fills bj, adds the full dup with `flags`, writes during the copy, and checks the result.
-fn full_dup(bj_partitions: u32, tj_partitions: u32, flags: &[&str]) -> Result<()> {
+fn full_dup(bj_partitions: u32, tj_partitions: u32, flags: &[&str], what: Fill) -> Result<()> {
     let mut w = TwoClusters::start_source_only(TABLE, bj_partitions, tj_partitions)?;
     let mut con = w.bj.redis()?;
-    // A value large enough that the checkpoint has several SSTs' worth of chunks.
-    set_keys(&mut con, "old", 20_000, &"x".repeat(200))?;
+    let filling = std::time::Instant::now();
+    fill(&mut con, what)?;
+    eprintln!(
+        "filled bj with {} keys in {:?}",
+        what.keys(),
+        filling.elapsed()
+    );
     let writer = Writer::start(&w.bj, "live-", Duration::from_millis(5))?;
     std::thread::sleep(Duration::from_millis(300));
 
@@ -30,10 +95,11 @@ fn full_dup(bj_partitions: u32, tj_partitions: u32, flags: &[&str]) -> Result<()
     let took = {
         let start = std::time::Instant::now();
         loop {
-            if start.elapsed() > Duration::from_secs(90) {
+            if start.elapsed() > what.timeout() {
                 bail!(
-                    "dup {dupid} is {} after 90 s\n--- bj coordinator\n{}\n--- bj shipper\n{}\n--- tj receiver\n{}\n--- tj node\n{}",
+                    "dup {dupid} is {} after {:?}\n--- bj coordinator\n{}\n--- bj shipper\n{}\n--- tj receiver\n{}\n--- tj node\n{}",
                     w.bj.dup_status(TABLE, dupid)?,
+                    what.timeout(),
                     tail(&w.bj.coordinator.log_text()),
                     tail(&w.bj.log_text("shipper")),
                     tail(&w.tj.log_text("receiver")),
@@ -63,15 +129,17 @@ fn full_dup(bj_partitions: u32, tj_partitions: u32, flags: &[&str]) -> Result<()
     let acked = writer.stop()?;
     assert!(acked > 0);
     w.tj.node.wait_stage("serving", Duration::from_secs(30))?;
-    let entries = wait_converged(&w.bj, &w.tj, Duration::from_secs(60))?;
+    let entries = wait_converged(&w.bj, &w.tj, what.timeout())?;
     assert!(
-        entries >= 20_000 + acked,
+        entries >= u64::from(what.keys()) + acked,
         "{entries} entries, {acked} live writes"
     );
     check_written(&w.tj, "live-", acked)?;
     let mut tj = w.tj.redis()?;
-    let v: Option<String> = redis::cmd("GET").arg("old:12345").query(&mut tj)?;
-    assert_eq!(v.as_deref(), Some("x".repeat(200).as_str()));
+    for i in [0, 12_345 % what.keys(), what.keys() - 1] {
+        let v: Option<Vec<u8>> = redis::cmd("GET").arg(format!("old:{i}")).query(&mut tj)?;
+        assert_eq!(v, Some(what.value(i)), "old:{i} on tj");
+    }
 
     // What was sent: every file byte once, and again at most the chunks in flight at a break
     // (a session can fail on a loaded machine); some on the wire compressed.
@@ -210,12 +278,29 @@ fn tail(s: &str) -> String {
 
 #[test]
 fn full_dup_with_equal_partition_counts_converges_with_writes_during_the_copy() -> Result<()> {
-    full_dup(4, 4, &[]).context("4 -> 4")
+    full_dup(4, 4, &[], Fill::Small).context("4 -> 4")
 }
 
 #[test]
 fn full_dup_re_splits_eight_partitions_into_three() -> Result<()> {
-    full_dup(8, 3, &["--remote-partitions", "3"]).context("8 -> 3")
+    full_dup(8, 3, &["--remote-partitions", "3"], Fill::Small).context("8 -> 3")
+}
+
+/// About 1 GB (250,000 incompressible values of 4,000 bytes), writes going on during the whole
+/// copy.
+const ONE_GB: Fill = Fill::Random {
+    keys: 250_000,
+    value_bytes: 4_000,
+};
+
+#[test]
+fn a_1gb_table_with_writes_during_the_copy_converges() -> Result<()> {
+    full_dup(4, 4, &[], ONE_GB).context("1 GB, 4 -> 4")
+}
+
+#[test]
+fn a_1gb_table_re_split_from_eight_partitions_into_three_converges() -> Result<()> {
+    full_dup(8, 3, &["--remote-partitions", "3"], ONE_GB).context("1 GB, 8 -> 3")
 }
 
 /// An empty table and a one-key table: nothing waits for a periodic checkpoint or for data, so

@@ -22,8 +22,9 @@ use ferry_proto::DupId;
 use super::{election, Shared};
 use ferry_admin::api::{
     AddDup, CoordinatorView, CopyPartition, CopyView, CreateTable, DupView, ErrorBody, FollowTable,
-    HealthView, InstallComplete, PartitionReceiver, PegasusAppDuplication, PegasusDup, SetFailMode,
-    SetRate, SetTableState, StatusView, TableDetail, TableReceivers, TableView,
+    HealthView, InstallComplete, PartitionReceiver, PegasusAppDuplication, PegasusDup,
+    RebootstrapView, SetFailMode, SetRate, SetTableState, StatusView, TableDetail, TableReceivers,
+    TableView,
 };
 use ferry_meta::dups::DupPolicy;
 use ferry_meta::status::{DupEvent, DupStatus, FailMode};
@@ -292,6 +293,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
     let mut dups = std::collections::BTreeMap::new();
     let mut progress = Vec::new();
     let mut copies = Vec::new();
+    let mut rebootstraps = Vec::new();
     let now = ferry_meta::now_ms();
     for (table, dupid, d) in meta.all_dups().await? {
         *dups.entry(d.status.as_str().to_string()).or_insert(0) += 1;
@@ -303,6 +305,10 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
             if copy.complete < info.partition_count {
                 copies.push(copy);
             }
+        }
+        if d.status != DupStatus::Removed {
+            rebootstraps
+                .extend(rebootstrap_views(&meta, &table, dupid, info.partition_count).await?);
         }
         for p in 0..info.partition_count {
             let Some(pr) = meta
@@ -341,6 +347,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
         dups,
         progress,
         copies,
+        rebootstraps,
     }))
 }
 
@@ -590,6 +597,40 @@ async fn full_dup(meta: &MetaStore, table: &str, dupid: DupId) -> Result<DupInfo
         ));
     }
     Ok(info)
+}
+
+/// A dup's re-bootstrap records, with the transfer of those being sent.
+async fn rebootstrap_views(
+    meta: &MetaStore,
+    table: &str,
+    dupid: DupId,
+    count: u32,
+) -> Result<Vec<RebootstrapView>, MetaError> {
+    let records = meta.rebootstraps(table, dupid, count).await?;
+    if records.iter().all(Option::is_none) {
+        return Ok(Vec::new());
+    }
+    let transfers = meta.transfers(table, dupid, count).await?;
+    let mut out = Vec::new();
+    for (p, (r, t)) in records.into_iter().zip(transfers).enumerate() {
+        let Some(r) = r else { continue };
+        let sending = r.state == ferry_meta::RebootstrapState::Checkpointed;
+        out.push(RebootstrapView {
+            table: table.to_owned(),
+            dupid,
+            partition: p as u32,
+            generation: r.generation,
+            state: r.state,
+            reason: r.reason,
+            confirmed_decree: r.confirmed.0,
+            decree: r.checkpoint.as_ref().map(|c| c.manifest.decree.0),
+            checkpoint_bytes: r.checkpoint.as_ref().map(|c| c.manifest.total_bytes()),
+            requested_at_ms: r.requested_at_ms,
+            done_at_ms: r.done_at_ms,
+            transfer: t.filter(|_| sending),
+        });
+    }
+    Ok(out)
 }
 
 /// A full dup's copy, per partition, from its checkpoint and transfer records.

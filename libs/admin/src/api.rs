@@ -212,6 +212,34 @@ pub struct StatusView {
     /// Every full dup whose install has not completed on every partition yet.
     #[serde(default)]
     pub copies: Vec<CopyView>,
+    /// Every partition's last re-bootstrap (its log was collected past what its dup confirmed).
+    #[serde(default)]
+    pub rebootstraps: Vec<RebootstrapView>,
+}
+
+/// One partition's last re-bootstrap in [`StatusView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RebootstrapView {
+    pub table: String,
+    pub dupid: DupId,
+    pub partition: u32,
+    pub generation: u32,
+    /// `requested`, `checkpointed`, `staged` or `done`.
+    pub state: ferry_meta::RebootstrapState,
+    pub reason: String,
+    /// What the dup had confirmed when the log was found gone.
+    pub confirmed_decree: u64,
+    /// The fresh checkpoint's decree and size, once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decree: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_bytes: Option<u64>,
+    pub requested_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_at_ms: Option<u64>,
+    /// The shipper's transfer record while the checkpoint is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<ferry_meta::Transfer>,
 }
 
 /// One (dup, partition) in [`StatusView`].

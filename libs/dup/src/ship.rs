@@ -516,7 +516,7 @@ impl ShipSession {
         self.now = now;
         self.reading = false;
         self.end(Failure::Gone(format!(
-            "start decree {wanted} is no longer in the plog (it begins at {oldest}); this dup needs full duplication (`ferry dup add --full`) for partition {}",
+            "start decree {wanted} is no longer in the plog of partition {} (it begins at {oldest}): the source collected it before the target confirmed it",
             self.id.partition
         )));
     }

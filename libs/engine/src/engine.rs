@@ -88,6 +88,29 @@ impl Engine {
         Ok(Decree(self.meta_u64(&dup_key(source))?.unwrap_or(0)))
     }
 
+    /// Deletes every duplication progress key (`mdup/...`): a database opened from another
+    /// cluster's checkpoint must not keep that cluster's progress as its own.
+    pub fn forget_dup_progress(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(META_DUP_PREFIX, Direction::Forward));
+        for item in iter {
+            let (key, _) =
+                item.map_err(|e| StoreError::rocks("scan dup progress", &self.dir, e))?;
+            if !key.starts_with(META_DUP_PREFIX) {
+                break;
+            }
+            batch.delete(&key);
+        }
+        if !batch.is_empty() {
+            self.db
+                .write_opt(batch, &self.write_opts)
+                .map_err(|e| StoreError::rocks("write", &self.dir, e))?;
+        }
+        Ok(())
+    }
+
     /// Reads the stored value of a user key, tombstones and expired values included.
     pub fn get_raw(&self, user_key: &[u8]) -> Result<Option<DBPinnableSlice<'_>>, StoreError> {
         self.db

@@ -360,6 +360,26 @@ impl Partition {
         .await
     }
 
+    /// Applies stored entries `(user key, stored value)` of `source`'s checkpoint to this serving
+    /// partition, last-writer-wins against what it holds (tombstones included), in one RocksDB
+    /// batch: a re-bootstrap. With `upto` (the checkpoint's decree, on the last chunk) the
+    /// progress for `source` becomes at least `upto`, so the log after it applies next.
+    /// Applying a checkpoint again is harmless.
+    pub async fn apply_checkpoint(
+        &self,
+        source: Source,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        upto: Option<Decree>,
+    ) -> Result<ApplyReport, StoreError> {
+        self.call(|reply| Request::ApplyCheckpoint {
+            source,
+            entries,
+            upto,
+            reply,
+        })
+        .await
+    }
+
     /// The last source decree applied from `source`.
     pub fn dup_progress(&self, source: Source) -> Result<Decree, StoreError> {
         self.engine.dup_progress(source)
@@ -518,6 +538,12 @@ enum Request {
         records: Vec<PlogRecord>,
         reply: oneshot::Sender<Result<ApplyReport, StoreError>>,
     },
+    ApplyCheckpoint {
+        source: Source,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        upto: Option<Decree>,
+        reply: oneshot::Sender<Result<ApplyReport, StoreError>>,
+    },
     Shutdown,
 }
 
@@ -580,6 +606,14 @@ impl Writer {
                     reply,
                 } => {
                     let _ = reply.send(self.apply_dup(source, records));
+                }
+                Request::ApplyCheckpoint {
+                    source,
+                    entries,
+                    upto,
+                    reply,
+                } => {
+                    let _ = reply.send(self.apply_checkpoint(source, entries, upto));
                 }
                 Request::Shutdown => break,
             }
@@ -884,6 +918,56 @@ impl Writer {
             self.stats
                 .dup_applied_records_total
                 .fetch_add(report.applied_records, Ordering::Relaxed);
+        }
+        Ok(report)
+    }
+}
+
+impl Writer {
+    fn apply_checkpoint(
+        &mut self,
+        source: Source,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        upto: Option<Decree>,
+    ) -> Result<ApplyReport, StoreError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(StoreError::Poisoned {
+                partition: self.id.0,
+                reason: reason.clone(),
+            });
+        }
+        let mut report = ApplyReport::default();
+        let mut batch = Batch::default();
+        for (key, raw) in &entries {
+            let Ok(v) = StoredValue::decode(raw) else {
+                report.stale_ops += 1;
+                continue;
+            };
+            if self
+                .engine
+                .stored_timetag(key)?
+                .is_some_and(|s| s >= v.timetag)
+            {
+                report.stale_ops += 1;
+                continue;
+            }
+            self.clock.observe(v.timetag.timestamp_us());
+            batch.put_value(key, raw);
+            report.applied_records += 1;
+        }
+        let mut progress = match self.dup_progress.get(&source) {
+            Some(d) => *d,
+            None => self.engine.dup_progress(source)?,
+        };
+        if let Some(upto) = upto.filter(|u| *u > progress) {
+            progress = upto;
+            batch.set_dup_progress(source, progress);
+        }
+        report.progress = progress;
+        if !batch.is_empty() {
+            batch.set_clock(self.clock.last());
+            self.engine.write(batch)?;
+            self.dup_progress.insert(source, progress);
         }
         Ok(report)
     }

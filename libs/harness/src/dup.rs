@@ -566,7 +566,13 @@ impl Cluster {
 
     /// The node's `/digest`.
     pub fn digest(&self) -> Result<serde_json::Value> {
-        let (status, body) = http_get(self.node.http, "/digest")?;
+        let (status, body) = crate::etcd::http_within(
+            self.node.http,
+            "GET",
+            "/digest",
+            "",
+            Duration::from_secs(120),
+        )?;
         if status != 200 {
             bail!("/digest answered {status}: {body}");
         }

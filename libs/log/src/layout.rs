@@ -7,6 +7,7 @@
 //! <data_dir>/<table>/<p>/plog/committed              the committed marker the shipper tails
 //! <data_dir>/<table>/<p>/inbox/<cid>-<sp>/           one source partition's inbox log (+ committed)
 //! <data_dir>/<table>/<p>/checkpoints/dup-<dupid>/    a full dup's checkpoint (db/ + manifest.json)
+//! <data_dir>/<table>/<p>/checkpoints/rebootstrap-<dupid>-<g>/  a re-bootstrap's fresh checkpoint
 //! <data_dir>/<table>/.fences/<cid>-<dupid>-<sp>      the receiver's fencing tokens
 //! <data_dir>/<table>/.staging/<cid>-<sp>/            an incoming checkpoint (see `staging`)
 //! ```
@@ -23,6 +24,8 @@ pub const PLOG_DIR: &str = "plog";
 pub const INBOX_DIR: &str = "inbox";
 /// The directory of the checkpoints kept for full dups, inside a partition directory.
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
+/// How a re-bootstrap's checkpoint directory under [`CHECKPOINTS_DIR`] begins.
+pub const REBOOTSTRAP_PREFIX: &str = "rebootstrap-";
 /// The directory of the fencing-token files inside a table directory.
 pub const FENCES_DIR: &str = ".fences";
 /// The directory of incoming checkpoints inside a table directory.
@@ -70,6 +73,19 @@ impl Layout {
     /// its install is complete.
     pub fn dup_checkpoint(&self, table: &str, p: PartitionId, dupid: DupId) -> PathBuf {
         self.checkpoints(table, p).join(format!("dup-{}", dupid.0))
+    }
+
+    /// `<data_dir>/<table>/<p>/checkpoints/rebootstrap-<dupid>-<generation>`: the fresh
+    /// checkpoint a re-bootstrap of the partition sends, kept until it is done.
+    pub fn dup_rebootstrap(
+        &self,
+        table: &str,
+        p: PartitionId,
+        dupid: DupId,
+        generation: u32,
+    ) -> PathBuf {
+        self.checkpoints(table, p)
+            .join(format!("{REBOOTSTRAP_PREFIX}{}-{generation}", dupid.0))
     }
 
     /// `<data_dir>/<table>/.fences`.

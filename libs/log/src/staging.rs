@@ -119,6 +119,14 @@ impl Staging {
                 sync_dir(parent)?;
             }
         }
+        // A transfer begins: until it finishes, the directory is no finished checkpoint (a
+        // re-bootstrap may change files a finished one had).
+        let manifest = dir.join(MANIFEST_FILE);
+        match fs::remove_file(&manifest) {
+            Ok(()) => sync_dir(dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(LogError::io("delete staged manifest", &manifest, e).into()),
+        }
         let db = dir.join(DB_DIR);
         fs::create_dir_all(&db).map_err(|e| LogError::io("create staging directory", &db, e))?;
         let mut files = BTreeMap::new();
@@ -313,6 +321,23 @@ impl Staging {
         }
         self.files.remove(file);
         sync_dir(&self.dir.join(DB_DIR))
+    }
+}
+
+/// The manifest of the checkpoint staged whole in `dir`, if one is: `None` while a transfer
+/// fills it, or when nothing is there.
+pub fn staged_manifest(dir: &Path) -> Result<Option<CheckpointManifest>, LogError> {
+    let path = dir.join(MANIFEST_FILE);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            LogError::io(
+                "parse staged manifest",
+                &path,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LogError::io("read staged manifest", &path, e)),
     }
 }
 

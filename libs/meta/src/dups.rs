@@ -9,13 +9,13 @@
 use etcd_client::{Compare, CompareOp, DeleteOptions, KeyValue, TxnOp};
 use serde_json::Map;
 
-use ferry_proto::{DupId, PartitionId};
+use ferry_proto::{Decree, DupId, PartitionId};
 
 use crate::keys::Keys;
 use crate::status::{transition, DupEvent, DupStatus, FailMode};
 use crate::{
     decode, encode, known_table, unchanged, DupCheckpoint, DupInfo, DupMode, MetaError, MetaStore,
-    Progress, TableState, Transfer, CAS_ATTEMPTS,
+    Progress, Rebootstrap, RebootstrapState, TableState, Transfer, CAS_ATTEMPTS,
 };
 
 /// What a new dup is checked against: the clusters it may go to.
@@ -284,32 +284,48 @@ impl MetaStore {
         checkpoint: &DupCheckpoint,
     ) -> Result<DupCheckpoint, MetaError> {
         known_table(table)?;
-        let dup_key = self.keys().dup(table, dupid);
         let key = self.keys().checkpoint(table, dupid, p);
         for _ in 0..CAS_ATTEMPTS {
             if let Some(kv) = self.get(key.clone()).await? {
                 return decode(&kv);
             }
-            let ok = self
-                .cas(
-                    vec![
-                        unchanged(&key, None),
-                        Compare::version(dup_key.clone(), CompareOp::Greater, 0),
-                    ],
-                    vec![TxnOp::put(key.clone(), encode(checkpoint), None)],
-                )
-                .await?;
-            if ok {
+            if self
+                .put_while_dup(table, dupid, &key, None, encode(checkpoint))
+                .await?
+            {
                 return Ok(checkpoint.clone());
-            }
-            if self.get(dup_key.clone()).await?.is_none() {
-                return Err(MetaError::NoSuchDup {
-                    table: table.into(),
-                    dupid,
-                });
             }
         }
         Err(MetaError::Contended { key })
+    }
+
+    /// Puts `value` at `key` if it is still `seen` (`None`: absent) and the dup exists: true if
+    /// written, false if another writer changed `key` first (read again and retry).
+    async fn put_while_dup(
+        &self,
+        table: &str,
+        dupid: DupId,
+        key: &str,
+        seen: Option<&KeyValue>,
+        value: Vec<u8>,
+    ) -> Result<bool, MetaError> {
+        let dup_key = self.keys().dup(table, dupid);
+        let ok = self
+            .cas(
+                vec![
+                    unchanged(key, seen),
+                    Compare::version(dup_key.clone(), CompareOp::Greater, 0),
+                ],
+                vec![TxnOp::put(key, value, None)],
+            )
+            .await?;
+        if !ok && self.get(dup_key).await?.is_none() {
+            return Err(MetaError::NoSuchDup {
+                table: table.into(),
+                dupid,
+            });
+        }
+        Ok(ok)
     }
 
     /// Every partition's published checkpoint of a full dup, by partition; `None` where the
@@ -465,6 +481,83 @@ impl MetaStore {
         }
     }
 
+    /// A partition's re-bootstrap record, if it ever needed one.
+    pub async fn rebootstrap(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+    ) -> Result<Option<Rebootstrap>, MetaError> {
+        known_table(table)?;
+        match self.get(self.keys().rebootstrap(table, dupid, p)).await? {
+            Some(kv) => Ok(Some(decode(&kv)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every partition's re-bootstrap record; `None` where there is none.
+    pub async fn rebootstraps(
+        &self,
+        table: &str,
+        dupid: DupId,
+        partition_count: u32,
+    ) -> Result<Vec<Option<Rebootstrap>>, MetaError> {
+        self.per_partition(table, dupid, "rebootstrap", partition_count)
+            .await
+    }
+
+    /// Asks for a re-bootstrap of partition `p` (the shipper, when the log is gone): a new
+    /// generation if the last one is done or there is none, else the open one as it is.
+    /// Fails if the dup was removed.
+    pub async fn request_rebootstrap(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+        confirmed: Decree,
+        reason: &str,
+    ) -> Result<Rebootstrap, MetaError> {
+        known_table(table)?;
+        let key = self.keys().rebootstrap(table, dupid, p);
+        for _ in 0..CAS_ATTEMPTS {
+            let old = self.get(key.clone()).await?;
+            let last: Option<Rebootstrap> = old.as_ref().map(decode).transpose()?;
+            if let Some(open) = last.as_ref().filter(|r| r.is_open()) {
+                return Ok(open.clone());
+            }
+            let record = Rebootstrap {
+                generation: last.map_or(1, |r| r.generation + 1),
+                state: RebootstrapState::Requested,
+                reason: reason.to_owned(),
+                confirmed,
+                requested_at_ms: crate::now_ms(),
+                checkpoint: None,
+                done_at_ms: None,
+                extra: Default::default(),
+            };
+            if self
+                .put_while_dup(table, dupid, &key, old.as_ref(), encode(&record))
+                .await?
+            {
+                return Ok(record);
+            }
+        }
+        Err(MetaError::Contended { key })
+    }
+
+    /// Read-modify-write of a re-bootstrap record; `None` if there is none.
+    pub async fn update_rebootstrap(
+        &self,
+        table: &str,
+        dupid: DupId,
+        p: PartitionId,
+        change: impl FnMut(&mut Rebootstrap) -> Result<(), MetaError>,
+    ) -> Result<Option<Rebootstrap>, MetaError> {
+        known_table(table)?;
+        self.update_json(&self.keys().rebootstrap(table, dupid, p), change)
+            .await
+    }
+
     /// Every partition's transfer record of a full dup; `None` where none was written.
     pub async fn transfers(
         &self,
@@ -500,7 +593,6 @@ impl MetaStore {
         progress: &Progress,
     ) -> Result<Progress, MetaError> {
         known_table(table)?;
-        let dup_key = self.keys().dup(table, dupid);
         let key = self.keys().progress(table, dupid, p);
         for _ in 0..CAS_ATTEMPTS {
             let old = self.get(key.clone()).await?;
@@ -515,23 +607,11 @@ impl MetaStore {
                     return Ok(stored);
                 }
             }
-            let ok = self
-                .cas(
-                    vec![
-                        unchanged(&key, old.as_ref()),
-                        Compare::version(dup_key.clone(), CompareOp::Greater, 0),
-                    ],
-                    vec![TxnOp::put(key.clone(), encode(&progress), None)],
-                )
-                .await?;
-            if ok {
+            if self
+                .put_while_dup(table, dupid, &key, old.as_ref(), encode(&progress))
+                .await?
+            {
                 return Ok(progress);
-            }
-            if self.get(dup_key.clone()).await?.is_none() {
-                return Err(MetaError::NoSuchDup {
-                    table: table.into(),
-                    dupid,
-                });
             }
         }
         Err(MetaError::Contended { key })

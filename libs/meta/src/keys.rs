@@ -106,6 +106,11 @@ impl Keys {
         format!("{}dups/{table}/{dupid}/transfer/{p}", self.root)
     }
 
+    /// A dup's re-bootstrap of one partition (the log was collected past what it confirmed).
+    pub fn rebootstrap(&self, table: &str, dupid: DupId, p: PartitionId) -> String {
+        format!("{}dups/{table}/{dupid}/rebootstrap/{p}", self.root)
+    }
+
     /// A dup's checkpoint on one partition.
     pub fn checkpoint(&self, table: &str, dupid: DupId, p: PartitionId) -> String {
         format!("{}dups/{table}/{dupid}/checkpoint/{p}", self.root)

@@ -39,8 +39,8 @@ pub use registry::{
     Registration,
 };
 pub use types::{
-    DupCheckpoint, DupInfo, DupMode, Follower, Installed, PartitionEntry, Progress, TableInfo,
-    TableState, Transfer,
+    DupCheckpoint, DupInfo, DupMode, Follower, Installed, PartitionEntry, Progress, Rebootstrap,
+    RebootstrapState, TableInfo, TableState, Transfer,
 };
 
 /// How many times a compare-and-swap is retried after losing a race before giving up.

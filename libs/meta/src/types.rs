@@ -174,6 +174,52 @@ pub struct DupCheckpoint {
     pub extra: Map<String, Value>,
 }
 
+/// `dups/<table>/<dupid>/rebootstrap/<p>`: a partition whose log was collected past what the
+/// dup confirmed, filled again from a fresh checkpoint. The shipper requests it, the source
+/// node makes and records the checkpoint, the shipper sends it and records it staged, and
+/// marks it done once the target confirmed the checkpoint's decree through the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rebootstrap {
+    /// 1 for the partition's first re-bootstrap in this dup, then 2, ...
+    pub generation: u32,
+    pub state: RebootstrapState,
+    /// Why: what the dup confirmed and where the plog begins now.
+    pub reason: String,
+    /// What the dup had confirmed when the log was found gone.
+    pub confirmed: Decree,
+    pub requested_at_ms: u64,
+    /// The fresh checkpoint, once the source node made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<DupCheckpoint>,
+    /// When the target confirmed the checkpoint's decree (state `done`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done_at_ms: Option<u64>,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Where a [`Rebootstrap`] stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RebootstrapState {
+    /// The shipper found the log gone; the source node makes a checkpoint.
+    Requested,
+    /// The checkpoint is made; the shipper sends it.
+    Checkpointed,
+    /// The target staged it; its node applies it, then the log follows.
+    Staged,
+    /// The target confirmed the checkpoint's decree.
+    Done,
+}
+
+impl Rebootstrap {
+    /// Not done yet.
+    pub fn is_open(&self) -> bool {
+        self.state != RebootstrapState::Done
+    }
+}
+
 /// `dups/<table>/<dupid>/transfer/<p>`: a full dup's checkpoint transfer, as its shipper last
 /// wrote it (about once a second while it copies).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
