@@ -18,7 +18,7 @@ const PARTITIONS: u32 = 4;
 const CHUNK: u64 = 64 << 10;
 const LANES: u64 = 2;
 /// `ferry_shipper::checkpoint::LANE_WINDOW`.
-const WINDOW: u64 = 4;
+const WINDOW: u64 = 16;
 
 /// bj with 40k keys of 300 random letters (about 12 MB of checkpoints: they do not compress),
 /// and a shipper sending small chunks on 2 lanes; tj without the table.

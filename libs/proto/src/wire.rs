@@ -548,20 +548,29 @@ pub fn unpack_batch(batch: &Batch, max_raw: usize) -> Result<Vec<PlogRecord>, Wi
     Ok(records)
 }
 
+/// Bytes at the start of a chunk that are compressed first, to tell whether the whole chunk is
+/// worth compressing: SST blocks are often compressed already, and compressing a MiB that does
+/// not shrink costs more CPU than sending it.
+const PROBE_BYTES: usize = 64 << 10;
+
 /// Makes the chunk for `data`, the bytes of `file` at `offset`: compressed at `level` where
-/// that saves at least an eighth, raw otherwise. `data` must be at most [`MAX_CHUNK`] bytes.
+/// that saves at least an eighth (judged first on its first [`PROBE_BYTES`]), raw otherwise.
+/// `data` must be at most [`MAX_CHUNK`] bytes.
 pub fn pack_chunk(file: &str, offset: u64, data: &[u8], level: i32) -> Chunk {
     let levels = zstd::compression_level_range();
     let level = level.clamp(*levels.start(), *levels.end());
-    let compressed = compress(data, level);
-    let pays = compressed.len() < data.len() - data.len() / 8;
+    let saves = |raw: &[u8], packed: &[u8]| packed.len() < raw.len() - raw.len() / 8;
+    let probe = &data[..data.len().min(PROBE_BYTES)];
+    let compressed = (probe.len() == data.len() || saves(probe, &compress(probe, level)))
+        .then(|| compress(data, level))
+        .filter(|c| saves(data, c));
     Chunk {
         file: file.to_owned(),
         offset,
         len: u32::try_from(data.len()).unwrap_or(u32::MAX),
         crc32c: crc32c::crc32c(data),
-        compressed: pays,
-        data: if pays { compressed } else { data.to_vec() },
+        compressed: compressed.is_some(),
+        data: compressed.unwrap_or_else(|| data.to_vec()),
     }
 }
 
@@ -1453,6 +1462,25 @@ mod tests {
     fn empty_batch_round_trips() {
         let batch = pack_batch(&[], 3);
         assert_eq!(unpack_batch(&batch, MAX_FRAME), Ok(vec![]));
+    }
+
+    #[test]
+    fn a_mib_chunk_is_compressed_only_where_its_probe_shrinks() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..MAX_CHUNK.min(1 << 20))
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let zeros = vec![0u8; random.len()];
+        for (data, compressible) in [(&random, false), (&zeros, true)] {
+            let chunk = pack_chunk("000007.sst", 0, data, 1);
+            assert_eq!(chunk.compressed, compressible);
+            assert_eq!(unpack_chunk(&chunk).expect("unpack"), *data);
+        }
     }
 
     #[test]
