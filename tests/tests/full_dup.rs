@@ -49,17 +49,11 @@ impl Fill {
     }
 }
 
-/// `len` pseudo-random bytes determined by `i` (xorshift), so a test can check any value.
+/// `len` pseudo-random bytes determined by `i`, so a test can check any value.
 fn random_value(i: u32, len: usize) -> Vec<u8> {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (u64::from(i) << 1 | 1);
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(i));
+    (0..len).map(|_| rng.random()).collect()
 }
 
 fn fill(con: &mut redis::Connection, fill: Fill) -> Result<()> {
@@ -337,18 +331,10 @@ fn set_rate_changes_a_running_copy_and_status_shows_it() -> Result<()> {
     let mut w = TwoClusters::start_source_only(TABLE, 2, 2)?;
     let mut con = w.bj.redis()?;
     // Incompressible values (zstd would otherwise shrink the wire bytes the limit counts).
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
     for chunk in 0..16 {
         let mut pipe = redis::pipe();
         for i in 0..500 {
-            let value: Vec<u8> = (0..1000)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let value = random_value(chunk * 500 + i, 1000);
             pipe.cmd("SET")
                 .arg(format!("r:{chunk}:{i}"))
                 .arg(value)

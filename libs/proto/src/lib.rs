@@ -24,3 +24,17 @@ pub use ids::{ClusterId, Decree, DupId, FencingToken, PartitionId, Source};
 pub use record::{DecodeError, Op, PlogRecord};
 pub use timetag::Timetag;
 pub use value::StoredValue;
+
+/// `len` pseudo-random (xorshift), incompressible bytes for tests.
+#[cfg(test)]
+pub(crate) fn random_bytes(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -45,15 +45,7 @@ mod tests {
     #[test]
     fn incompressible_largest_record_fits_a_frame() {
         // Random bytes do not compress: the frame must still hold them.
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let value: Vec<u8> = (0..(4 << 20))
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let value = crate::random_bytes(4 << 20);
         let out = zstd::bulk::compress(&value, 3).expect("compress");
         assert!(out.len() > value.len(), "random bytes grew under zstd");
         assert!(out.len() <= zstd_bound(value.len()));

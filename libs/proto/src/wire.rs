@@ -1466,15 +1466,7 @@ mod tests {
 
     #[test]
     fn a_mib_chunk_is_compressed_only_where_its_probe_shrinks() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let random: Vec<u8> = (0..MAX_CHUNK.min(1 << 20))
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let random = crate::random_bytes(MAX_CHUNK.min(1 << 20));
         let zeros = vec![0u8; random.len()];
         for (data, compressible) in [(&random, false), (&zeros, true)] {
             let chunk = pack_chunk("000007.sst", 0, data, 1);
