@@ -74,7 +74,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "50,100")]
         loads: Vec<u32>,
         /// Shipper congestion controllers to compare (cubic, bbr, newreno).
-        #[arg(long, value_delimiter = ',', default_value = "cubic")]
+        #[arg(long, value_delimiter = ',', default_value = "bbr")]
         congestion: Vec<String>,
         /// Writes that measure the node's maximum ingest.
         #[arg(long, default_value_t = 300_000)]

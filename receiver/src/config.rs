@@ -21,7 +21,7 @@
 //! max_batch_raw_bytes = 75497480  # the default; never less
 //! bandwidth_mbps = 1000          # the WAN link, to size QUIC windows and socket buffers
 //! rtt_ms = 50
-//! congestion = "cubic"
+//! congestion = "bbr"
 //! ```
 //!
 //! The defaults are tuned for one receiver per node on a 1 Gbit/s, 50 ms inter-datacenter link.
@@ -406,7 +406,7 @@ mod tests {
         assert_eq!(r.congestion, Congestion::Bbr);
         assert_eq!(r.advertise, None);
         let d = ReceiverSection::default();
-        assert_eq!(d.congestion, Congestion::Cubic);
+        assert_eq!(d.congestion, Congestion::Bbr);
         assert_eq!(d.lease_ttl, Duration::from_secs(5));
     }
 

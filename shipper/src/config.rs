@@ -109,7 +109,7 @@ pub struct ShipperSection {
     pub bandwidth_mbps: u64,
     /// The link's round-trip time in ms, for the QUIC windows. Default 30.
     pub rtt_ms: u64,
-    /// Congestion control: `cubic` (default), `bbr` or `newreno`.
+    /// Congestion control: `bbr` (default), `cubic` or `newreno`.
     pub congestion: Congestion,
     /// Parallel QUIC streams of one partition's checkpoint transfer (full duplication).
     /// Default 4, at most 64.
@@ -156,7 +156,7 @@ impl Default for ShipperSection {
             rtt_ms: 30,
             checkpoint_lanes: 4,
             checkpoint_chunk_bytes: 1 << 20,
-            congestion: Congestion::Cubic,
+            congestion: Congestion::default(),
             on_log_gone: OnLogGone::Rebootstrap,
         }
     }
@@ -412,17 +412,11 @@ impl ShipperSection {
     /// The QUIC flow-control windows and UDP socket buffers, in bytes: twice the link's
     /// bandwidth-delay product, so one connection can keep the link full while a window's worth
     /// of acks is in flight, never below quinn's defaults.
+    /// The flow-control windows and UDP buffers for the link, as the receiver sizes its own
+    /// ([`ferry_net::Windows::for_link`]).
     pub fn window_bytes(&self) -> u64 {
-        window_bytes(self.bandwidth_mbps, self.rtt_ms)
+        ferry_net::Windows::for_link(self.bandwidth_mbps, self.rtt_ms).stream
     }
-}
-
-/// Twice the bandwidth-delay product of `mbps` Mbit/s × `rtt_ms`, at least 1.25 MB (quinn's
-/// default receive window) and at most 1 GiB.
-pub fn window_bytes(mbps: u64, rtt_ms: u64) -> u64 {
-    // bytes/s = mbps × 125_000; × rtt_ms / 1000.
-    let bdp = mbps.saturating_mul(125_000).saturating_mul(rtt_ms) / 1000;
-    bdp.saturating_mul(2).clamp(1_250_000, 1 << 30)
 }
 
 fn zstd_levels() -> std::ops::RangeInclusive<i32> {
@@ -507,7 +501,7 @@ mod tests {
         assert_eq!(s.zstd_level, 1);
         assert_eq!(s.lease_ttl, Duration::from_secs(5));
         assert_eq!(s.http_addr, SocketAddr::from(([127, 0, 0, 1], 34821)));
-        assert_eq!(s.congestion, Congestion::Cubic);
+        assert_eq!(s.congestion, Congestion::Bbr);
         assert_eq!(s.dup_lagging_write_threshold_ms, 10_000);
     }
 
@@ -523,7 +517,7 @@ mod tests {
             "--window-batches",
             "3",
             "--congestion",
-            "bbr",
+            "cubic",
             "--heartbeat-interval",
             "250ms",
         ]);
@@ -532,7 +526,7 @@ mod tests {
         assert_eq!(c.shipper.node, "bj-n2");
         assert_eq!(c.etcd.endpoints, vec!["http://a:1", "http://b:2"]);
         assert_eq!(c.shipper.window_batches, 3);
-        assert_eq!(c.shipper.congestion, Congestion::Bbr);
+        assert_eq!(c.shipper.congestion, Congestion::Cubic);
         assert_eq!(c.shipper.heartbeat_interval, Duration::from_millis(250));
         assert_eq!(c.shipper.data_dir, PathBuf::from("/tmp/data"), "kept");
     }
@@ -624,15 +618,5 @@ mod tests {
     fn missing_config_flag_is_a_sentence() {
         let err = ShipperConfig::load(&ShipperArgs::default()).expect_err("no --config");
         assert!(err.to_string().contains("--config"), "{err}");
-    }
-
-    #[test]
-    fn windows_cover_twice_the_bandwidth_delay_product() {
-        // 1 Gbit/s × 30 ms = 3.75 MB; doubled.
-        assert_eq!(window_bytes(1000, 30), 7_500_000);
-        // A slow, short link still gets quinn's default.
-        assert_eq!(window_bytes(10, 1), 1_250_000);
-        // Absurd values saturate instead of overflowing.
-        assert_eq!(window_bytes(u64::MAX, u64::MAX), 1 << 30);
     }
 }

@@ -1,7 +1,7 @@
 //! The QUIC side: one client endpoint per process, one connection per remote receiver shared by
 //! every partition task that ships to it (each session is a stream on it), reopened after it
 //! fails. Windows and UDP socket buffers are sized to the link (see
-//! [`crate::config::window_bytes`]).
+//! [`ferry_net::Windows::for_link`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,7 +50,7 @@ impl Quic {
                 wanted,
                 send,
                 recv,
-                "the kernel capped the UDP socket buffers below twice the bandwidth-delay product; raise net.core.wmem_max and net.core.rmem_max (sysctl) for full throughput"
+                "the kernel capped the UDP socket buffers below the windows sized to the link (4 × its bandwidth-delay product); raise net.core.wmem_max and net.core.rmem_max (sysctl) for full throughput"
             );
         } else {
             tracing::info!(send, recv, "UDP socket buffers sized to the link");
