@@ -121,18 +121,13 @@ fn large_incompressible_values_ship() -> Result<()> {
     let w = TwoClusters::start("users", 2, 2)?;
     w.bj.add_dup("users", "tj")?;
     let mut con = w.bj.redis()?;
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut random = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+    let random = |seed: u64, n: usize| -> Vec<u8> {
+        use rand::{RngCore, SeedableRng};
+        let mut v = vec![0; n];
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+        v
     };
-    let big = [random(20_000_000), random(60_000_000)];
+    let big = [random(1, 20_000_000), random(2, 60_000_000)];
     for (i, v) in big.iter().enumerate() {
         redis::cmd("SET")
             .arg(format!("big:{i}"))
