@@ -409,10 +409,7 @@ impl ShipperConfig {
 }
 
 impl ShipperSection {
-    /// The QUIC flow-control windows and UDP socket buffers, in bytes: twice the link's
-    /// bandwidth-delay product, so one connection can keep the link full while a window's worth
-    /// of acks is in flight, never below quinn's defaults.
-    /// The flow-control windows and UDP buffers for the link, as the receiver sizes its own
+    /// The QUIC flow-control windows and UDP buffers for the link, as the receiver sizes its own
     /// ([`ferry_net::Windows::for_link`]).
     pub fn window_bytes(&self) -> u64 {
         ferry_net::Windows::for_link(self.bandwidth_mbps, self.rtt_ms).stream

@@ -51,9 +51,10 @@ impl Fill {
 
 /// `len` pseudo-random bytes determined by `i`, so a test can check any value.
 fn random_value(i: u32, len: usize) -> Vec<u8> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(u64::from(i));
-    (0..len).map(|_| rng.random()).collect()
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0; len];
+    rand::rngs::StdRng::seed_from_u64(u64::from(i)).fill_bytes(&mut v);
+    v
 }
 
 fn fill(con: &mut redis::Connection, fill: Fill) -> Result<()> {
@@ -150,9 +151,9 @@ fn full_dup(bj_partitions: u32, tj_partitions: u32, flags: &[&str], what: Fill) 
         why()
     );
     let total = w.checkpoint_bytes(TABLE, dupid)?;
-    // 4 lanes of at most LANE_WINDOW (16) unacknowledged 1 MiB chunks each (the shipper's
-    // defaults).
-    let bound = total as f64 + failures * 64.0 * f64::from(1u32 << 20);
+    // 4 lanes of at most LANE_WINDOW unacknowledged 1 MiB chunks each (the shipper's defaults).
+    let in_flight = 4 * ferry_shipper::checkpoint::LANE_WINDOW as u32 * (1 << 20);
+    let bound = total as f64 + failures * f64::from(in_flight);
     assert!(
         file >= total as f64 && file <= bound,
         "{file} file bytes sent for {total} bytes of checkpoints, {failures} failed sessions\n{}",

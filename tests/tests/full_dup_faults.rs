@@ -17,8 +17,8 @@ const TABLE: &str = "users";
 const PARTITIONS: u32 = 4;
 const CHUNK: u64 = 64 << 10;
 const LANES: u64 = 2;
-/// `ferry_shipper::checkpoint::LANE_WINDOW`.
-const WINDOW: u64 = 16;
+/// Chunks a lane keeps unacknowledged.
+const WINDOW: u64 = ferry_shipper::checkpoint::LANE_WINDOW as u64;
 
 /// bj with 40k keys of 300 random letters (about 12 MB of checkpoints: they do not compress),
 /// and a shipper sending small chunks on 2 lanes; tj without the table.
