@@ -11,10 +11,14 @@
 //! `bench checkpoint` copies a full dup's checkpoints over the emulated WAN link beside
 //! `iperf3` and `rsync` over `ssh` on the same link (see [`checkpoint`]).
 //!
+//! `bench failover` moves a table's writes back and forth with `ferry failover` under load and
+//! reports the write gap the clients saw (see [`failover`]).
+//!
 //! Beside the markdown tables, `bench` writes PNG plots into `--out` ([`plot`]).
 
 mod checkpoint;
 mod dup;
+mod failover;
 mod plot;
 
 use std::net::TcpListener;
@@ -97,6 +101,9 @@ enum Cmd {
     /// over ssh on the same link; the foreground write rate during the copy; then on loopback.
     /// Needs root and /dev/net/tun.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Planned failovers back and forth under load, on loopback and on the emulated WAN link:
+    /// the time to the new primary's first write and the write gap.
+    Failover(failover::FailoverArgs),
 }
 
 fn main() -> Result<()> {
@@ -125,6 +132,7 @@ fn main() -> Result<()> {
             out,
         }),
         Cmd::Checkpoint(args) => checkpoint::run(&args),
+        Cmd::Failover(args) => failover::run(&args),
         Cmd::NodeVsRedis {
             requests,
             clients,

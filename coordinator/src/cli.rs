@@ -9,10 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use ferry_admin::api::{
-    AddDup, CopyView, CreateTable, DupView, RebootstrapView, SetFailMode, SetRate, SetTableState,
-    StatusView, TableDetail, TableView,
+    AddDup, CopyView, CreateTable, DupView, FailoverView, RebootstrapView, SetFailMode, SetRate,
+    SetTableState, StartFailover, StatusView, TableDetail, TableView,
 };
 use ferry_admin::client::{AdminClient, ClientError};
+use ferry_meta::failover::{Role, Step};
 use ferry_meta::status::DupStatus;
 use ferry_meta::{DupInfo, DupMode};
 use ferry_proto::DupId;
@@ -55,6 +56,40 @@ pub enum Command {
     Dup(DupCommand),
     /// The cluster: leader, coordinators, nodes, table and dup counts.
     Status,
+    /// Hand a table's writes over to another cluster with no loss (planned failover), or show
+    /// the table's last failover with `--status`. Run it on the source cluster.
+    Failover(FailoverArgs),
+}
+
+/// `ferry failover ...`.
+#[derive(Debug, clap::Args)]
+pub struct FailoverArgs {
+    /// The table.
+    #[arg(long, short = 't')]
+    pub table: String,
+    /// The cluster that takes the writes over (the table's dup to it must be in DS_LOG, and its
+    /// table must refuse writes: `demoted` or `read_only`).
+    #[arg(long, required_unless_present_any = ["status", "force", "recover"])]
+    pub to: Option<String>,
+    /// Add the duplication back (target → this cluster) from the hand-over, so a failback
+    /// needs no full copy.
+    #[arg(long)]
+    pub reverse: bool,
+    /// How long the failover may take before it is rolled back and this cluster serves again.
+    #[arg(long, default_value = "60s", value_parser = humantime_serde::re::humantime::parse_duration)]
+    pub deadline: Duration,
+    /// Return once the failover is recorded instead of waiting for it to end.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Show the table's last failover: its step, each partition's drain, the elapsed time.
+    #[arg(long, conflicts_with_all = ["to", "force", "recover"])]
+    pub status: bool,
+    /// Unplanned failover, on the target cluster when the source is gone.
+    #[arg(long)]
+    pub force: bool,
+    /// After a forced failover: ship the old source's never-shipped writes to the new primary.
+    #[arg(long, conflicts_with = "force")]
+    pub recover: bool,
 }
 
 /// `ferry table ...`.
@@ -174,6 +209,179 @@ pub struct DupTarget {
     pub dupid: u64,
 }
 
+/// `ferry failover`: starts one and waits for its end (or shows the last with `--status`).
+async fn failover(
+    client: &AdminClient,
+    json: bool,
+    args: FailoverArgs,
+) -> Result<String, ClientError> {
+    if args.force || args.recover {
+        return Err(ClientError::Api(format!(
+            "`ferry failover {}` is not implemented in this version; only the planned failover \
+             (`ferry failover -t {} --to CLUSTER`, both clusters up) is",
+            if args.force { "--force" } else { "--recover" },
+            args.table
+        )));
+    }
+    let path = format!("/v1/tables/{}/failover", seg(&args.table));
+    if args.status {
+        let v: FailoverView = client.get(&path).await?;
+        return render(json, &v, render_failover);
+    }
+    let Some(to) = args.to else {
+        return Err(ClientError::Api("give the target cluster with --to".into()));
+    };
+    let started: FailoverView = client
+        .post(
+            &path,
+            &StartFailover {
+                to,
+                reverse: args.reverse,
+                timeout_ms: args.deadline.as_millis() as u64,
+            },
+        )
+        .await?;
+    let Some(id) = started.record.as_ref().map(|r| r.id) else {
+        return Err(ClientError::Api(
+            "the coordinator accepted the failover but shows no record of it".into(),
+        ));
+    };
+    if args.no_wait {
+        return render(json, &started, render_failover);
+    }
+    // The deadline is the coordinator's; this only bounds the wait for an answer after it.
+    let give_up = std::time::Instant::now() + args.deadline + Duration::from_secs(60);
+    let mut last_step = None;
+    let mut failures = 0;
+    loop {
+        let v: FailoverView = match client.get(&path).await {
+            Ok(v) => {
+                failures = 0;
+                v
+            }
+            Err(e) if failures < 20 => {
+                failures += 1;
+                eprintln!("(retrying: {e})");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(r) = v.record.as_ref().filter(|r| r.id == id) else {
+            return Err(ClientError::Api(format!(
+                "failover {id} was replaced by another one; see `ferry failover -t {} --status`",
+                args.table
+            )));
+        };
+        if !json && last_step != Some(r.step) {
+            eprintln!("{:>8} ms  {}", v.elapsed_ms, r.step);
+            last_step = Some(r.step);
+        }
+        if r.step.is_final() {
+            let out = render(json, &v, render_failover)?;
+            return match r.step {
+                Step::Done => Ok(out),
+                _ => Err(ClientError::Api(format!(
+                    "failover {id} of table {} was {}: {}; the table serves here again",
+                    args.table,
+                    r.step,
+                    r.error.as_deref().unwrap_or("no reason recorded")
+                ))),
+            };
+        }
+        if std::time::Instant::now() > give_up {
+            return Err(ClientError::Api(format!(
+                "failover {id} is still {} after its deadline; see `ferry failover -t {} --status`",
+                r.step, args.table
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn render_failover(v: &FailoverView) -> String {
+    let mut out = String::new();
+    let Some(r) = &v.record else {
+        let _ = writeln!(
+            out,
+            "table {} on cluster {} ({}) has never taken part in a failover",
+            v.table, v.cluster, v.state
+        );
+        return out;
+    };
+    let (from, to) = match r.role {
+        Role::Source => (v.cluster.as_str(), r.remote.as_str()),
+        Role::Target => (r.remote.as_str(), v.cluster.as_str()),
+    };
+    let _ = writeln!(
+        out,
+        "failover {} of table {}: {from} -> {to}, step {}, {} ms{}",
+        r.id,
+        v.table,
+        r.step,
+        v.elapsed_ms,
+        if r.step.is_final() { "" } else { " so far" }
+    );
+    let _ = writeln!(out, "table here ({}): {}", v.cluster, v.state);
+    if let Some(f) = r.fenced_at_ms {
+        let _ = writeln!(
+            out,
+            "fenced:   {} ms after the start",
+            f.saturating_sub(r.started_at_ms)
+        );
+    }
+    if let Some(p) = r.promoted_at_ms {
+        let _ = writeln!(
+            out,
+            "took over: {} ms after the start",
+            p.saturating_sub(r.started_at_ms)
+        );
+    }
+    if let Some(d) = r.reverse_dupid {
+        let _ = writeln!(out, "dup back:  {d} ({to} -> {from}, DS_LOG)");
+    }
+    if let Some(e) = &r.error {
+        let _ = writeln!(out, "error:    {e}");
+    }
+    if let Some(w) = r.extra.get("waiting").and_then(|w| w.as_str()) {
+        if !r.step.is_final() {
+            let _ = writeln!(out, "waiting:  {w}");
+        }
+    }
+    out.push('\n');
+    let opt = |d: Option<u64>| d.map_or_else(|| "-".to_string(), |d| d.to_string());
+    let rows = v
+        .partitions
+        .iter()
+        .map(|p| {
+            vec![
+                p.partition.to_string(),
+                p.node.clone().unwrap_or_else(|| "-".into()),
+                opt(p.decree),
+                match r.role {
+                    Role::Source => opt(p.confirmed_decree),
+                    Role::Target => match p.caught_up {
+                        Some(true) => "yes".into(),
+                        Some(false) => "no".into(),
+                        None => "-".into(),
+                    },
+                },
+                match p.fenced {
+                    Some(true) => "refused".into(),
+                    Some(false) => "taken".into(),
+                    None => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    let head = match r.role {
+        Role::Source => ["PARTITION", "NODE", "LAST_DECREE", "CONFIRMED", "WRITES"],
+        Role::Target => ["PARTITION", "NODE", "DECREE", "CAUGHT_UP", "WRITES"],
+    };
+    out.push_str(&table(&head, rows));
+    out
+}
+
 /// Fail modes as typed on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum FailModeArg {
@@ -194,6 +402,7 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
             let s: StatusView = client.get("/v1/status").await?;
             render(json, &s, render_status)
         }
+        Command::Failover(args) => failover(&client, json, args).await,
         Command::Table(TableCommand::Create { name, partitions }) => {
             let t: TableDetail = client
                 .post("/v1/tables", &CreateTable { name, partitions })
@@ -616,6 +825,41 @@ fn render_status(s: &StatusView) -> String {
     if !s.rebootstraps.is_empty() {
         out.push('\n');
         out.push_str(&render_rebootstraps(&s.rebootstraps));
+    }
+    if !s.failovers.is_empty() {
+        out.push('\n');
+        let now = ferry_meta::now_ms();
+        let rows = s
+            .failovers
+            .iter()
+            .map(|(t, r)| {
+                vec![
+                    t.clone(),
+                    r.id.to_string(),
+                    match r.role {
+                        Role::Source => format!("{} -> {}", s.cluster, r.remote),
+                        Role::Target => format!("{} -> {}", r.remote, s.cluster),
+                    },
+                    r.step.to_string(),
+                    r.finished_at_ms
+                        .unwrap_or(now)
+                        .saturating_sub(r.started_at_ms)
+                        .to_string(),
+                    r.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "FAILOVER_TABLE",
+                "ID",
+                "DIRECTION",
+                "STEP",
+                "ELAPSED_MS",
+                "ERROR",
+            ],
+            rows,
+        ));
     }
     out
 }

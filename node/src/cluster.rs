@@ -7,7 +7,8 @@
 //! ([`crate::install`]). The caller then opens the partitions and, last, the client port.
 //!
 //! While serving, [`watch_table`] follows the table's state (a `read_only` or `demoted` table
-//! refuses writes with a retryable error) and [`gc_plogs`] deletes plog segments that every
+//! refuses writes with a retryable error, and the node answers each state in etcd with its
+//! decrees, see [`TableWatch`]) and [`gc_plogs`] deletes plog segments that every
 //! duplication has confirmed.
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use ferry_meta::config::ClusterConfig;
+use ferry_meta::failover::{CatchUp, StateAck};
 use ferry_meta::status::DupStatus;
 use ferry_meta::{
     check_cluster_config, register_node, MetaError, MetaStore, NodeInfo, Registration, TableState,
@@ -163,36 +165,159 @@ async fn sleep_or_stop(shutdown: &CancellationToken) -> bool {
     }
 }
 
-/// Follows the table's state until cancelled: writes are refused while it is `read_only` or
-/// `demoted`. etcd being away leaves the last known state in force. Cancellation-safe.
-pub async fn watch_table(meta: MetaStore, node: Arc<Node>, cancel: CancellationToken) {
-    let table = node.config.table.clone();
-    let mut last: Option<TableState> = None;
-    loop {
-        match meta.table(&table).await {
-            Ok(info) => {
-                if last != Some(info.state) {
-                    tracing::info!(table = %table, state = info.state.as_str(), "table state");
-                    last = Some(info.state);
-                }
-                node.set_write_block(match info.state {
-                    TableState::ReadOnly => Some(format!(
-                        "TRYAGAIN table `{table}` is read-only (fenced, e.g. during failover); retry in a few seconds"
-                    )),
-                    TableState::Demoted => Some(format!(
-                        "TRYAGAIN table `{table}` is demoted: another cluster serves its writes now; write there, or retry after failback"
-                    )),
-                    TableState::Available | TableState::Creating => None,
-                });
-            }
-            Err(e) => tracing::debug!(error = %e, "read the table state"),
+/// Puts the table's state in force on this node and answers it in etcd (a [`StateAck`]): a
+/// `read_only` or `demoted` table refuses client writes with a retryable error, fenced inside
+/// every partition's writer, so the decrees answered are the last ones; a catch-up order (a
+/// failover's target) is answered once every partition applied the source's decrees.
+#[derive(Default)]
+pub struct TableWatch {
+    /// The revision of the table key in force, and what was last answered for it.
+    in_force: Option<i64>,
+    acked: Option<StateAck>,
+    state: Option<TableState>,
+}
+
+impl TableWatch {
+    /// One round. Returns the revision read and whether a catch-up order is still unmet.
+    pub async fn round(&mut self, meta: &MetaStore, node: &Node) -> anyhow::Result<(i64, bool)> {
+        let table = node.table.name().to_owned();
+        let (info, revision) = meta.table_at(&table).await.map_err(|e| anyhow!("{e}"))?;
+        if self.state != Some(info.state) {
+            tracing::info!(table = %table, state = info.state.as_str(), revision, "table state");
+            self.state = Some(info.state);
         }
+        let fence = fence_error(&table, info.state);
+        let fenced = fence.is_some();
+        let decrees = if self.in_force != Some(revision) {
+            let d = node.fence(fence).await?;
+            self.in_force = Some(revision);
+            d
+        } else {
+            self.acked
+                .as_ref()
+                .map(|a| a.decrees.clone())
+                .unwrap_or_default()
+        };
+        let mut pending = false;
+        let caught_up = match &info.catch_up {
+            Some(order) => {
+                if caught_up(node, order)? {
+                    Some(order.failover)
+                } else {
+                    pending = true;
+                    None
+                }
+            }
+            None => None,
+        };
+        let ack = StateAck {
+            revision,
+            fenced,
+            decrees,
+            caught_up,
+            at_ms: ferry_meta::now_ms(),
+        };
+        let same = self.acked.as_ref().is_some_and(|a| {
+            (a.revision, a.fenced, &a.decrees, a.caught_up)
+                == (ack.revision, ack.fenced, &ack.decrees, ack.caught_up)
+        });
+        if !same {
+            meta.put_state_ack(&table, &node.config.node_name(), &ack)
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            if let Some(f) = ack.caught_up {
+                tracing::info!(table = %table, failover = f, "caught up with the failover's source decrees");
+            }
+            self.acked = Some(ack);
+        }
+        Ok((revision, pending))
+    }
+}
+
+/// The error client writes get in `state`, if they are refused.
+fn fence_error(table: &str, state: TableState) -> Option<String> {
+    match state {
+        TableState::ReadOnly => Some(format!(
+            "TRYAGAIN table `{table}` is read-only (fenced, e.g. during failover); retry in a few seconds"
+        )),
+        TableState::Demoted => Some(format!(
+            "TRYAGAIN table `{table}` is demoted: another cluster serves its writes now; write there, or retry after failback"
+        )),
+        TableState::Available | TableState::Creating => None,
+    }
+}
+
+/// Whether every partition applied every source partition up to the order's decrees.
+fn caught_up(node: &Node, order: &CatchUp) -> anyhow::Result<bool> {
+    let cluster = ferry_proto::ClusterId::new(order.source_cluster_id).ok_or_else(|| {
+        anyhow!(
+            "the catch-up order names cluster id {}, which is not a valid cluster id",
+            order.source_cluster_id
+        )
+    })?;
+    for partition in node.table.partitions() {
+        for (sp, want) in order.decrees.iter().enumerate() {
+            let source = ferry_proto::Source {
+                cluster,
+                partition: PartitionId(sp as u32),
+            };
+            if partition.dup_progress(source)? < *want {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Runs [`TableWatch`] rounds until cancelled: after each change of the table key (an etcd
+/// watch), every 20 ms while a catch-up order is unmet, and every few seconds anyway. etcd
+/// being away leaves the last state in force. Cancellation-safe.
+pub async fn watch_table(
+    meta: MetaStore,
+    node: Arc<Node>,
+    mut watch: TableWatch,
+    cancel: CancellationToken,
+) {
+    let key = meta.keys().table(node.table.name());
+    let mut warned = false;
+    loop {
+        let next = match watch.round(&meta, &node).await {
+            Ok((revision, pending)) => {
+                warned = false;
+                Some((revision, pending))
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot follow the table state; the last one stays in force");
+                    warned = true;
+                }
+                None
+            }
+        };
+        let wait = async {
+            match next {
+                Some((_, true)) => tokio::time::sleep(CATCH_UP_POLL).await,
+                Some((revision, false)) => {
+                    if tokio::time::timeout(RECHECK, meta.wait_changed(&key, revision)).await
+                        == Ok(false)
+                    {
+                        tokio::time::sleep(POLL).await;
+                    }
+                }
+                None => tokio::time::sleep(POLL).await,
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(POLL) => {}
+            _ = wait => {}
         }
     }
 }
+
+/// How often an unmet catch-up order is looked at again.
+const CATCH_UP_POLL: Duration = Duration::from_millis(20);
+/// Longest wait for a change of the table key before reading it again.
+const RECHECK: Duration = Duration::from_secs(5);
 
 /// `below`, raised so that the plog segments the dups in `held_by` keep past `unheld` (what GC
 /// would collect without them) total at most `limit` bytes: the oldest go first. A dup whose

@@ -1094,6 +1094,9 @@ pub fn error(msg: impl Into<String>) -> Frame {
 
 /// A failed write: nothing was acknowledged, and the reply says what failed.
 fn write_error(e: &StoreError) -> Frame {
+    if let StoreError::Fenced(sentence) = e {
+        return error(sentence.clone());
+    }
     if e.is_disk_full() {
         return error(
             "ERR the node's disk is full, so the write was refused; free space on the node's data disk, then retry",

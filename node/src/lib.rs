@@ -88,6 +88,25 @@ impl Node {
         *self.write_block.write() = error;
     }
 
+    /// Refuses client writes with `error` (see [`Node::set_write_block`]) in every partition's
+    /// writer too, or takes them again with `None`. Returns each partition's committed decree
+    /// once the writes queued before are durable: while fenced, its last decree.
+    pub async fn fence(
+        &self,
+        error: Option<String>,
+    ) -> anyhow::Result<Vec<(ferry_proto::PartitionId, ferry_proto::Decree)>> {
+        self.set_write_block(error.clone());
+        let mut out = Vec::new();
+        for p in self.table.partitions() {
+            let d = p
+                .fence(error.clone())
+                .await
+                .with_context(|| format!("fence partition {}", p.id()))?;
+            out.push((p.id(), d));
+        }
+        Ok(out)
+    }
+
     /// The error a write gets now, if writes are refused.
     pub fn write_block(&self) -> Option<String> {
         if !self.write_blocked.load(Ordering::Acquire) {
@@ -273,9 +292,22 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
         background.clone(),
     ));
     if let Some(m) = &member {
+        // The table's state is in force before the first client connects: a fenced or demoted
+        // table never takes a write at start-up. If etcd does not answer now, writes stay
+        // refused until the watch reads it.
+        let mut watch = cluster::TableWatch::default();
+        if let Err(e) = watch.round(&m.meta, &node).await {
+            node.fence(Some(format!(
+                "TRYAGAIN the node has not read table `{}`'s state from etcd yet; retry in a few seconds",
+                node.table.name()
+            )))
+            .await?;
+            tracing::warn!(error = %format!("{e:#}"), "cannot read the table state; refusing writes until it is read");
+        }
         tasks.spawn(cluster::watch_table(
             m.meta.clone(),
             node.clone(),
+            watch,
             background.clone(),
         ));
         tasks.spawn(prepare::run(

@@ -537,6 +537,7 @@ mod tests {
                 state: TableState::Available,
                 create_timestamp_ms: 1,
                 follower: None,
+                catch_up: None,
                 extra: Map::new(),
             },
             partitions: vec![PartitionId(1), PartitionId(3)],

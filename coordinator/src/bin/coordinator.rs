@@ -44,6 +44,7 @@ fn main() {
 fn main_inner() -> anyhow::Result<()> {
     let args = Args::parse();
     ferry_proc::init_tracing();
+    ferry_proc::failpoints::setup_from_env();
     let mut config = CoordinatorConfig::load(&args.config).context("load the config")?;
     if let Some(v) = args.id {
         config.coordinator.id = Some(v);

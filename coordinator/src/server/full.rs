@@ -17,15 +17,15 @@
 //! replaced by one that repeats the step; asking the remote side twice answers the same table.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use axum::http::StatusCode;
 use ferry_admin::api::{FollowTable, InstallComplete, TableDetail};
-use ferry_admin::client::{AdminClient, ClientError};
+use ferry_admin::client::ClientError;
 use ferry_meta::status::{DupEvent, DupStatus};
 use ferry_meta::{now_ms, DupInfo, DupMode, Follower, MetaError, MetaStore, TableState};
 use ferry_proto::{DupId, PartitionId};
 
+use super::failover::remote;
 use super::http::ApiError;
 use super::metrics::Metrics;
 use crate::config::CoordinatorConfig;
@@ -264,20 +264,6 @@ async fn app_to_log(
     tracing::info!(%table, %dupid, remote = %info.remote,
         "the target installed every checkpoint: DS_LOG, shipping the log after each checkpoint");
     Ok(None)
-}
-
-fn remote(config: &CoordinatorConfig, cluster: &str) -> Result<AdminClient, String> {
-    let Some(addrs) = config.remote_clusters.get(cluster) else {
-        return Err(format!(
-            "cluster {cluster} is not in this coordinator's [remote_clusters]; add its \
-             coordinators' addresses and restart"
-        ));
-    };
-    AdminClient::new(
-        addrs,
-        config.coordinator.etcd_timeout.max(Duration::from_secs(3)),
-    )
-    .map_err(|e| e.to_string())
 }
 
 /// Refuses a full dup whose target table already exists on the remote cluster: a full dup

@@ -21,12 +21,11 @@ use ferry_proto::DupId;
 
 use super::{election, Shared};
 use ferry_admin::api::{
-    AddDup, CoordinatorView, CopyPartition, CopyView, CreateTable, DupView, ErrorBody, FollowTable,
-    HealthView, InstallComplete, PartitionReceiver, PegasusAppDuplication, PegasusDup,
-    RebootstrapView, SetFailMode, SetRate, SetTableState, StatusView, TableDetail, TableReceivers,
-    TableView,
+    AbortFailover, AddDup, CoordinatorView, CopyPartition, CopyView, CreateTable, DupView,
+    ErrorBody, FailoverView, FollowTable, HealthView, InstallComplete, PartitionReceiver,
+    PegasusAppDuplication, PegasusDup, RebootstrapView, SetFailMode, SetRate, SetTableState,
+    StartFailover, StatusView, TableDetail, TableReceivers, TableView, TakeOver,
 };
-use ferry_meta::dups::DupPolicy;
 use ferry_meta::status::{DupEvent, DupStatus, FailMode};
 use ferry_meta::{list_nodes, now_ms, DupInfo, DupMode, MetaError, MetaStore, TableState};
 
@@ -78,11 +77,18 @@ pub fn router(shared: Arc<Shared>) -> Router {
             put(set_fail_mode),
         )
         .route("/v1/tables/{table}/dups/{dupid}/rate", put(set_rate))
+        .route(
+            "/v1/tables/{table}/failover",
+            get(get_failover).post(start_failover),
+        )
+        .route("/v1/tables/{table}/failover/take_over", post(take_over))
+        .route("/v1/tables/{table}/failover/abort", post(abort_failover))
         .route("/meta/app/duplication", get(pegasus_app_duplication))
         .layer(middleware::from_fn_with_state(shared.clone(), leader_only));
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(ferry_proc::failpoints::routes())
         .merge(admin)
         .with_state(shared)
 }
@@ -348,6 +354,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<StatusView> {
         progress,
         copies,
         rebootstraps,
+        failovers: meta.failovers().await?,
     }))
 }
 
@@ -495,9 +502,61 @@ async fn set_table_state(
         .state
         .parse()
         .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    if let Some(r) = meta.failover(&table).await?.filter(|r| !r.step.is_final()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "table {table} is in failover {} (step {}); its state is the failover's to set until it ends (`ferry failover -t {table} --status`)",
+                r.id, r.step
+            ),
+        ));
+    }
     let info = meta.set_table_state(&table, state).await?;
     tracing::info!(%table, %state, "table state");
     Ok(Json(TableView { name: table, info }))
+}
+
+async fn start_failover(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<StartFailover>,
+) -> ApiResult<FailoverView> {
+    let meta = leader(&shared)?;
+    Ok(Json(
+        super::failover::start(&shared, &meta, &table, &req).await?,
+    ))
+}
+
+async fn get_failover(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+) -> ApiResult<FailoverView> {
+    let meta = leader(&shared)?;
+    Ok(Json(
+        super::failover::view(&meta, &shared.config.cluster.name, &table).await?,
+    ))
+}
+
+async fn take_over(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<TakeOver>,
+) -> ApiResult<FailoverView> {
+    let meta = leader(&shared)?;
+    Ok(Json(
+        super::failover::take_over(&shared, &meta, &table, &req).await?,
+    ))
+}
+
+async fn abort_failover(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<AbortFailover>,
+) -> ApiResult<FailoverView> {
+    let meta = leader(&shared)?;
+    Ok(Json(
+        super::failover::abort(&shared, &meta, &table, &req).await?,
+    ))
 }
 
 async fn list_dups(
@@ -524,16 +583,7 @@ async fn add_dup(
 ) -> ApiResult<DupView> {
     let meta = leader(&shared)?;
     let cfg = &shared.config;
-    let policy = DupPolicy {
-        local_cluster: &cfg.cluster.name,
-        duplication_group: cfg
-            .cluster
-            .duplication_group
-            .keys()
-            .map(String::as_str)
-            .collect(),
-        remote_clusters: cfg.remote_clusters.keys().map(String::as_str).collect(),
-    };
+    let policy = super::failover::policy(cfg);
     let mut extra = serde_json::Map::new();
     let mode = if req.full {
         policy.check_remote(&table, &req.remote)?;

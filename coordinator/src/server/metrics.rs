@@ -26,6 +26,12 @@ pub struct Metrics {
     /// Install-complete events of full dups, by `side`: `source` (one per source partition),
     /// `target` (one per target partition).
     pub install_complete: Family<Labels, Counter>,
+    /// Planned failovers this instance started, finished, and rolled back (leader only).
+    pub failovers_started: Counter,
+    pub failovers_done: Counter,
+    pub failovers_rolled_back: Counter,
+    /// Failovers running in the cluster, either side (leader only).
+    pub failovers_running: Gauge,
 }
 
 impl Metrics {
@@ -40,6 +46,10 @@ impl Metrics {
             tables: Gauge::default(),
             dups: Family::default(),
             install_complete: Family::default(),
+            failovers_started: Counter::default(),
+            failovers_done: Counter::default(),
+            failovers_rolled_back: Counter::default(),
+            failovers_running: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -76,6 +86,26 @@ impl Metrics {
             "coordinator_install_complete",
             "install-complete events of full dups: source partitions (side=source) and target partitions (side=target)",
             m.install_complete.clone(),
+        );
+        registry.register(
+            "coordinator_failovers_started",
+            "planned failovers this coordinator started as the source",
+            m.failovers_started.clone(),
+        );
+        registry.register(
+            "coordinator_failovers_done",
+            "planned failovers this coordinator finished as the source",
+            m.failovers_done.clone(),
+        );
+        registry.register(
+            "coordinator_failovers_rolled_back",
+            "planned failovers that failed a step and were rolled back",
+            m.failovers_rolled_back.clone(),
+        );
+        registry.register(
+            "coordinator_failovers_running",
+            "failovers running in the cluster, either side (leader only)",
+            m.failovers_running.clone(),
         );
         Metrics { registry, ..m }
     }

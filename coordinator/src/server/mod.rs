@@ -10,6 +10,7 @@
 //! steps down before the lease can have expired.
 
 pub mod election;
+pub mod failover;
 pub mod full;
 pub mod http;
 pub mod metrics;
@@ -62,6 +63,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Client used to forward admin calls to the leader.
     pub http: reqwest::Client,
+    /// Wakes the leader's failover loop ([`failover::drive`]) when one starts.
+    pub failover_wake: tokio::sync::Notify,
     state: Mutex<State>,
 }
 
@@ -169,6 +172,7 @@ pub async fn run(config: CoordinatorConfig, cancel: CancellationToken) -> anyhow
         meta,
         metrics: Metrics::new(),
         http,
+        failover_wake: tokio::sync::Notify::new(),
         state: Mutex::new(State::default()),
     });
     shared.reach(Stage::LoadingConfig);

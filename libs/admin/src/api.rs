@@ -21,6 +21,10 @@
 //! | PUT | `/v1/tables/{table}/dups/{dupid}/fail_mode` | [`SetFailMode`] | [`DupView`] |
 //! | PUT | `/v1/tables/{table}/dups/{dupid}/rate` | [`SetRate`] | [`DupView`] (a full dup's checkpoint bandwidth) |
 //! | DELETE | `/v1/tables/{table}/dups/{dupid}` | | [`DupView`] (status `DS_REMOVED`) |
+//! | POST | `/v1/tables/{table}/failover` | [`StartFailover`] | [`FailoverView`] (a planned failover of this source table) |
+//! | GET | `/v1/tables/{table}/failover` | | [`FailoverView`] (the table's last failover, either side) |
+//! | POST | `/v1/tables/{table}/failover/take_over` | [`TakeOver`] | [`FailoverView`] (asked by the source's coordinator: catch up, then take the writes over) |
+//! | POST | `/v1/tables/{table}/failover/abort` | [`AbortFailover`] | [`FailoverView`] (asked by the source's coordinator: call it off unless already taken over) |
 //! | GET | `/meta/app/duplication?name=T` | | [`PegasusAppDuplication`] |
 //! | GET | `/health` | | [`HealthView`] |
 //! | GET | `/metrics` | | Prometheus text |
@@ -189,6 +193,76 @@ pub struct CopyPartition {
     pub install_complete_at_ms: Option<u64>,
 }
 
+/// `POST /v1/tables/{table}/failover`: hand the table's writes over to cluster `to`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartFailover {
+    /// The target cluster (a dup of the table to it must be in `DS_LOG`).
+    pub to: String,
+    /// Add the dup back (target → this cluster) from the hand-over, for failback.
+    #[serde(default)]
+    pub reverse: bool,
+    /// How long the whole failover may take before it is rolled back, in ms.
+    pub timeout_ms: u64,
+}
+
+/// `POST /v1/tables/{table}/failover/take_over` (coordinator to coordinator).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TakeOver {
+    /// The source's failover id.
+    pub id: u64,
+    pub source_cluster: String,
+    pub source_cluster_id: u8,
+    pub source_table: String,
+    /// The source's dup to this cluster.
+    pub dupid: DupId,
+    /// Per source partition: its last decree; the target takes over once it applied them all.
+    pub decrees: Vec<ferry_proto::Decree>,
+    /// Add the dup back (this cluster → the source) at the take-over.
+    #[serde(default)]
+    pub reverse: bool,
+    pub deadline_ms: u64,
+}
+
+/// `POST /v1/tables/{table}/failover/abort` (coordinator to coordinator).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AbortFailover {
+    pub id: u64,
+}
+
+/// A table's last failover, as `ferry failover --status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverView {
+    pub cluster: String,
+    pub table: String,
+    /// The table's state now.
+    pub state: TableState,
+    /// `None` if the table never took part in a failover.
+    pub record: Option<ferry_meta::failover::FailoverRecord>,
+    /// Time since the failover started (until it ended), ms.
+    pub elapsed_ms: u64,
+    /// Per partition of this side's table.
+    pub partitions: Vec<FailoverPartition>,
+}
+
+/// One partition in [`FailoverView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverPartition {
+    pub partition: u32,
+    pub node: Option<String>,
+    /// Source: the partition's last decree once fenced; target: its committed decree.
+    pub decree: Option<u64>,
+    /// Source: the dup's confirmed decree (from etcd, where shippers write it every
+    /// `progress_interval`; once the target took over, at least the last decree, which the
+    /// target applied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_decree: Option<u64>,
+    /// Whether the node refuses writes now, as it last answered.
+    pub fenced: Option<bool>,
+    /// Target: whether the node applied the source's last decrees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caught_up: Option<bool>,
+}
+
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {
@@ -215,6 +289,9 @@ pub struct StatusView {
     /// Every partition's last re-bootstrap (its log was collected past what its dup confirmed).
     #[serde(default)]
     pub rebootstraps: Vec<RebootstrapView>,
+    /// Every table's last failover.
+    #[serde(default)]
+    pub failovers: Vec<(String, ferry_meta::failover::FailoverRecord)>,
 }
 
 /// One partition's last re-bootstrap in [`StatusView`].

@@ -48,6 +48,10 @@ pub enum StoreError {
         disk_full: bool,
         reason: String,
     },
+    /// The partition is fenced (its table refuses writes, e.g. during a failover); the
+    /// sentence is the node's, and says where to write or when to retry.
+    #[error("{0}")]
+    Fenced(String),
     /// The partition is shutting down.
     #[error("partition {0} is closed")]
     Closed(u32),

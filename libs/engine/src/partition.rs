@@ -269,6 +269,7 @@ impl Partition {
             next: committed.next(),
             stats: stats.clone(),
             poisoned: None,
+            fenced: None,
             dup_progress: HashMap::new(),
         };
         let handle = std::thread::Builder::new()
@@ -341,6 +342,14 @@ impl Partition {
             });
         }
         self.call(|reply| Request::Write { cmd, reply }).await
+    }
+
+    /// Fences the partition (`Some(error)`: every client write queued after this call is refused
+    /// with [`StoreError::Fenced`]`(error)`) or lifts the fence (`None`). Returns the committed
+    /// decree once every write queued before the call is durable and applied, so while fenced
+    /// it is the partition's last decree. Duplicated writes are applied either way.
+    pub async fn fence(&self, error: Option<String>) -> Result<Decree, StoreError> {
+        self.call(|reply| Request::Fence { error, reply }).await
     }
 
     /// Applies records duplicated from `source`, exactly once and last-writer-wins. Records at or
@@ -544,6 +553,10 @@ enum Request {
         upto: Option<Decree>,
         reply: oneshot::Sender<Result<ApplyReport, StoreError>>,
     },
+    Fence {
+        error: Option<String>,
+        reply: oneshot::Sender<Result<Decree, StoreError>>,
+    },
     Shutdown,
 }
 
@@ -567,6 +580,8 @@ struct Writer {
     stats: Arc<PartitionStats>,
     /// Set after a failure that leaves the durable state uncertain.
     poisoned: Option<String>,
+    /// Set while fenced: client writes are refused with it.
+    fenced: Option<String>,
     dup_progress: HashMap<Source, Decree>,
 }
 
@@ -615,6 +630,10 @@ impl Writer {
                 } => {
                     let _ = reply.send(self.apply_checkpoint(source, entries, upto));
                 }
+                Request::Fence { error, reply } => {
+                    self.fenced = error;
+                    let _ = reply.send(Ok(Decree(self.next.0.saturating_sub(1))));
+                }
                 Request::Shutdown => break,
             }
         }
@@ -633,6 +652,12 @@ impl Writer {
                     partition: self.id.0,
                     reason: reason.clone(),
                 }));
+            }
+            return;
+        }
+        if let Some(error) = &self.fenced {
+            for (_, reply) in group {
+                let _ = reply.send(Err(StoreError::Fenced(error.clone())));
             }
             return;
         }

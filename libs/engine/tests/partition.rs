@@ -216,6 +216,59 @@ async fn commands_resolve_to_plain_writes() {
     assert_eq!(value(&p, "short"), None, "an expired value reads as absent");
 }
 
+/// A fence refuses the writes queued after it with its sentence, answers the decree of the last
+/// write before it, and still lets duplicated writes apply; lifting it takes writes again.
+#[tokio::test]
+async fn a_fence_refuses_later_writes_and_answers_the_last_decree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = Arc::new(open(dir.path()));
+    assert_eq!(
+        p.fence(Some("TRYAGAIN fenced".into()))
+            .await
+            .expect("fence"),
+        Decree(0)
+    );
+    p.fence(None).await.expect("unfence");
+    // Writes queued before the fence commit; the ones queued after it are refused.
+    let before: Vec<_> = (0..20)
+        .map(|i| {
+            let p = p.clone();
+            tokio::spawn(async move { p.write(set(&format!("b{i}"), "v")).await })
+        })
+        .collect();
+    for w in before {
+        w.await.expect("join").expect("write before the fence");
+    }
+    let last = p
+        .fence(Some("TRYAGAIN fenced".into()))
+        .await
+        .expect("fence");
+    assert_eq!(last, Decree(20));
+    assert_eq!(p.committed_decree(), Decree(20));
+    match p.write(set("after", "v")).await {
+        Err(StoreError::Fenced(msg)) => assert_eq!(msg, "TRYAGAIN fenced"),
+        other => panic!("a write after the fence was not refused: {other:?}"),
+    }
+    assert_eq!(value(&p, "after"), None);
+    // Fencing again answers the same decree: nothing moved.
+    assert_eq!(
+        p.fence(Some("TRYAGAIN fenced".into()))
+            .await
+            .expect("fence"),
+        Decree(20)
+    );
+    // Duplicated writes still apply while fenced (a demoted table follows the new primary).
+    p.apply_duplicated(source(2, 0), vec![put_rec(1, 1, 2, "dup", "x")])
+        .await
+        .expect("apply while fenced");
+    assert_eq!(value(&p, "dup").as_deref(), Some("x"));
+    assert_eq!(p.fence(None).await.expect("unfence"), Decree(20));
+    p.write(set("after", "v"))
+        .await
+        .expect("write after the fence is lifted");
+    assert_eq!(p.committed_decree(), Decree(21));
+}
+
 #[tokio::test]
 async fn decrees_are_gap_free_and_timetags_increase() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod delay;
 pub mod dup;
 pub mod etcd;
+pub mod failover;
 pub mod inbox;
 pub mod link;
 pub mod metrics;

@@ -8,6 +8,8 @@
 //! /ferry/<cluster>/dups/<table>/<dupid>                    dup (JSON)
 //! /ferry/<cluster>/dups/<table>/<dupid>/progress/<p>       confirmed decree (JSON)
 //! /ferry/<cluster>/dups/<table>/<dupid>/checkpoint/<p>     checkpoint manifest (JSON)
+//! /ferry/<cluster>/failover/<table>                        the table's last failover (JSON)
+//! /ferry/<cluster>/state_acks/<table>/<node>               a node's answer to the table state
 //! /ferry/<cluster>/election/coordinator/<lease>            coordinator election (etcd API)
 //! /ferry/<cluster>/seq/dupid                               last dupid handed out
 //! /ferry/<cluster>/seq/table_id                            last table id handed out
@@ -114,6 +116,26 @@ impl Keys {
     /// A dup's checkpoint on one partition.
     pub fn checkpoint(&self, table: &str, dupid: DupId, p: PartitionId) -> String {
         format!("{}dups/{table}/{dupid}/checkpoint/{p}", self.root)
+    }
+
+    /// Prefix of every failover record.
+    pub fn failovers(&self) -> String {
+        format!("{}failover/", self.root)
+    }
+
+    /// A table's failover record.
+    pub fn failover(&self, table: &str) -> String {
+        format!("{}failover/{table}", self.root)
+    }
+
+    /// Prefix of the nodes' answers to a table's state.
+    pub fn state_acks(&self, table: &str) -> String {
+        format!("{}state_acks/{table}/", self.root)
+    }
+
+    /// One node's answer to a table's state.
+    pub fn state_ack(&self, table: &str, node: &str) -> String {
+        format!("{}state_acks/{table}/{node}", self.root)
     }
 
     /// The coordinator election's name (etcd's election API puts candidates under it).

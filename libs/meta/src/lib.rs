@@ -18,6 +18,7 @@
 pub mod cluster_config;
 pub mod config;
 pub mod dups;
+pub mod failover;
 pub mod keys;
 pub mod registry;
 pub mod status;
@@ -282,6 +283,24 @@ impl MetaStore {
     pub async fn revoke_lease(&self, id: i64) {
         let mut lc = self.client.lease_client();
         let _ = self.deadline(lc.revoke(id)).await;
+    }
+
+    /// Returns `true` once `key` changed after `revision` (a watch), `false` at once if the watch
+    /// could not be set up or ended (the caller reads again, after a pause).
+    pub async fn wait_changed(&self, key: &str, revision: i64) -> bool {
+        let opts = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
+        let Ok(Ok(mut stream)) =
+            tokio::time::timeout(self.timeout, self.client.clone().watch(key, Some(opts))).await
+        else {
+            return false;
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(resp)) if resp.events().is_empty() => continue,
+                Ok(Some(_)) => return true,
+                _ => return false,
+            }
+        }
     }
 
     /// Read-modify-write of one JSON value with compare-and-swap, retried from a fresh read when

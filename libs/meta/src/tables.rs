@@ -275,6 +275,7 @@ impl MetaStore {
                 state: TableState::Creating,
                 create_timestamp_ms: now_ms,
                 follower: follower.clone(),
+                catch_up: None,
                 extra: Map::new(),
             };
             let ok = self

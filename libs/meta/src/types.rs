@@ -73,6 +73,9 @@ pub struct TableInfo {
     /// checkpoints, and stays `creating` until every partition has installed them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follower: Option<Follower>,
+    /// Set on a failover's target while it catches up (see [`crate::failover`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catch_up: Option<crate::failover::CatchUp>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -342,6 +345,7 @@ mod tests {
             state: TableState::ReadOnly,
             create_timestamp_ms: 5,
             follower: None,
+            catch_up: None,
             extra: Map::new(),
         };
         assert_eq!(

@@ -15,6 +15,8 @@
 //! | `rocksdb-write` | `ferry_engine::engine::Engine::write` | an error from RocksDB |
 //! | `fence-store` | the receiver's fencing-token file | EIO |
 //! | `frame-send` | `ferry_net::send_frame` | the stream is reset |
+//! | `failover-hold` | the coordinator leader's failover loop | a step name: the leader does not advance failovers in that step |
+//! | `failover-blind` | the source coordinator's failover loop | (none) it does not see the target's answers, as if they were lost |
 
 use axum::extract::Path;
 use axum::http::StatusCode;
@@ -24,6 +26,17 @@ use axum::Router;
 /// Whether this build has failpoints.
 pub fn compiled_in() -> bool {
     fail::has_failpoints()
+}
+
+/// The argument failpoint `name` returns now (`Some("")` for a bare `return`) if it is set to
+/// return; always `None` in a build without failpoints.
+pub fn returned(name: &str) -> Option<String> {
+    fn eval(name: &str) -> Option<String> {
+        fail::fail_point!(name, |arg: Option<String>| Some(arg.unwrap_or_default()));
+        let _ = name;
+        None
+    }
+    eval(name)
 }
 
 /// Configures the failpoints named in `FAILPOINTS`. A malformed entry is logged and skipped.

@@ -1,0 +1,211 @@
+//! A planned failover that fails at a step rolls back, on real processes: the source serves
+//! again, nothing acknowledged is lost, the error names the step and the partition, and once the
+//! cause is gone the same failover succeeds. A coordinator leader killed between steps is
+//! replaced by a standby that finishes the failover. (The drain without a shipper is in
+//! `planned_failover.rs`.)
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+
+use ferry_tests::dup::{Cluster, TwoClusters, GROUP};
+use ferry_tests::etcd::{failpoint, ferry, Coordinator, CoordinatorSpec};
+
+const TABLE: &str = "users";
+
+/// Two clusters with the table on both, tj's as the standby, a dup bj → tj, and `n` keys
+/// written to bj.
+fn standby_pair_with(n: u32) -> Result<TwoClusters> {
+    let w = TwoClusters::start(TABLE, 2, 2)?;
+    w.tj.ferry_ok(&["table", "set-state", TABLE, "demoted"])?;
+    w.bj.add_dup(TABLE, "tj")?;
+    let mut con = w.bj.redis()?;
+    for i in 0..n {
+        redis::cmd("SET")
+            .arg(format!("k{i}"))
+            .arg("v")
+            .query::<()>(&mut con)?;
+    }
+    Ok(w)
+}
+
+fn state(c: &Cluster) -> Result<String> {
+    let out = c.ferry_ok(&["--json", "failover", "-t", TABLE, "--status"])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    Ok(v["state"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Waits (bounded) until `c` takes a write.
+fn wait_writable(c: &Cluster, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let mut con = c.redis()?;
+    loop {
+        let r: redis::RedisResult<()> = redis::cmd("SET").arg("probe").arg("1").query(&mut con);
+        match r {
+            Ok(()) => return Ok(()),
+            Err(e) => ensure!(start.elapsed() < timeout, "{} refuses writes: {e}", c.name),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every key `k0..k{n}` reads `v` on `c`.
+fn check_keys(c: &Cluster, n: u32) -> Result<()> {
+    let mut con = c.redis()?;
+    for i in 0..n {
+        let v: Option<String> = redis::cmd("GET").arg(format!("k{i}")).query(&mut con)?;
+        ensure!(v.as_deref() == Some("v"), "k{i} on {} is {v:?}", c.name);
+    }
+    Ok(())
+}
+
+/// A failed failover: the error, after checking that bj serves again and tj never took over.
+fn failed_failover(w: &TwoClusters, deadline: &str) -> Result<String> {
+    let e =
+        w.bj.ferry_ok(&[
+            "failover",
+            "-t",
+            TABLE,
+            "--to",
+            "tj",
+            "--deadline",
+            deadline,
+        ])
+        .expect_err("the failover fails")
+        .to_string();
+    eprintln!("{e}");
+    ensure!(e.contains("rolled_back"), "{e}");
+    ensure!(state(&w.bj)? == "available", "bj is not available again");
+    ensure!(state(&w.tj)? == "demoted", "tj took over after all");
+    wait_writable(&w.bj, Duration::from_secs(5))?;
+    Ok(e)
+}
+
+#[test]
+fn a_target_node_down_rolls_back_at_the_hand_over() -> Result<()> {
+    let mut w = standby_pair_with(200)?;
+    w.tj.node.proc.kill9();
+    let e = failed_failover(&w, "3s")?;
+    ensure!(
+        e.contains("handing over: partition") && e.contains("tj-n1"),
+        "{e}"
+    );
+    w.tj.restart_node(&w.etcd)?;
+    let out = w.bj.ferry_ok(&["failover", "-t", TABLE, "--to", "tj"])?;
+    ensure!(out.contains("step done"), "{out}");
+    wait_writable(&w.tj, Duration::from_secs(5))?;
+    check_keys(&w.tj, 200)
+}
+
+#[test]
+fn a_target_that_does_not_catch_up_in_time_is_called_off() -> Result<()> {
+    let w = standby_pair_with(100)?;
+    // tj's leader holds the take-over at catching_up: the deadline passes.
+    failpoint(
+        w.tj.coordinator.addr,
+        "failover-hold",
+        Some("return(catching_up)"),
+    )?;
+    let e = failed_failover(&w, "2s")?;
+    ensure!(e.contains("handing over"), "{e}");
+    let out = w.tj.ferry_ok(&["failover", "-t", TABLE, "--status"])?;
+    ensure!(out.contains("step aborted"), "{out}");
+    failpoint(w.tj.coordinator.addr, "failover-hold", None)?;
+    w.bj.ferry_ok(&["failover", "-t", TABLE, "--to", "tj"])?;
+    wait_writable(&w.tj, Duration::from_secs(5))?;
+    check_keys(&w.tj, 100)
+}
+
+#[test]
+fn a_deadline_that_passes_after_the_target_took_over_finishes_the_failover() -> Result<()> {
+    let w = standby_pair_with(100)?;
+    // bj's leader does not see tj's answers: tj takes over, bj's deadline passes, and when bj
+    // calls the failover off tj answers that it already took over, so bj goes forward (to
+    // demoted), never back to taking writes.
+    failpoint(w.bj.coordinator.addr, "failover-blind", Some("return"))?;
+    let out = w.bj.ferry_ok(&[
+        "--json",
+        "failover",
+        "-t",
+        TABLE,
+        "--to",
+        "tj",
+        "--deadline",
+        "2s",
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    ensure!(
+        v["record"]["step"] == "done" && v["state"] == "demoted",
+        "{v}"
+    );
+    let why = v["record"]["error"].as_str().unwrap_or_default();
+    ensure!(
+        why.contains("handing over"),
+        "the record keeps why it was called off: {v}"
+    );
+    ensure!(state(&w.tj)? == "available");
+    failpoint(w.bj.coordinator.addr, "failover-blind", None)?;
+    wait_writable(&w.tj, Duration::from_secs(5))?;
+    check_keys(&w.tj, 100)
+}
+
+#[test]
+fn a_standby_coordinator_finishes_a_failover_whose_leader_was_killed() -> Result<()> {
+    for step in ["fencing", "draining", "demoting"] {
+        let mut w = standby_pair_with(100)?;
+        let spec = CoordinatorSpec {
+            cluster: "bj".into(),
+            cluster_id: 1,
+            group: GROUP.into(),
+            remotes: vec![format!("tj = [\"{}\"]", w.tj.coordinator.addr)],
+            lease_ttl: "3s",
+        };
+        let standby = Coordinator::start(&w.etcd, w.dir.path(), "bj-c2", &spec)?;
+        failpoint(
+            w.bj.coordinator.addr,
+            "failover-hold",
+            Some(&format!("return({step})")),
+        )?;
+        w.bj.ferry_ok(&["failover", "-t", TABLE, "--to", "tj", "--no-wait"])?;
+        // Bounded: the held leader stays in `step`.
+        let start = Instant::now();
+        loop {
+            let out =
+                w.bj.ferry_ok(&["--json", "failover", "-t", TABLE, "--status"])?;
+            let v: serde_json::Value = serde_json::from_str(&out)?;
+            if v["record"]["step"] == step {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(10),
+                "never reached {step}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        w.bj.coordinator.proc.kill9();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let v = loop {
+            let out = ferry(
+                &[standby.addr],
+                &["--json", "failover", "-t", TABLE, "--status"],
+            )?;
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+                if v["record"]["step"] == "done" {
+                    break v;
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the standby did not finish from {step}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        ensure!(v["state"] == "demoted", "{v}");
+        wait_writable(&w.tj, Duration::from_secs(5))
+            .with_context(|| format!("killed at {step}"))?;
+        check_keys(&w.tj, 100)?;
+        eprintln!("killed the leader at {step}: the standby finished the failover");
+    }
+    Ok(())
+}
