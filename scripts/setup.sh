@@ -13,6 +13,7 @@ packages=(
   redis-server                  # the baseline `bench` compares the node with
   iproute2 procps               # ip netns, tc, sysctl: the WAN tests and the link emulator
   iperf3 rsync openssh-server openssh-client  # TCP baselines the bench measures over the link emulator
+  prometheus                    # promtool: the suite checks and unit-tests deploy/prometheus's alert rules
   curl ca-certificates
 )
 

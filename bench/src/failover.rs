@@ -2,9 +2,10 @@
 //! between two clusters, on loopback and on the emulated WAN link, at shares of the node's
 //! maximum ingest. For each: the time from the command to the new primary acknowledging its
 //! first write, and the write gap (from the last write the old primary acknowledged to the
-//! first the new one did), as the clients saw them. The clients run beside bj (in its namespace
-//! on the link), write to the primary and move when it answers "demoted"; a probe client writes
-//! one key at a time beside the load, so the gap is seen at 0% load too.
+//! first the new one did), as the clients saw them. The clients run beside the old primary (in
+//! its namespace on the link: its load is local until the failover, across the link after),
+//! write to the primary and move when it answers "demoted"; a probe client writes one key at a
+//! time beside the load, so the gap is seen at 0% load too.
 
 use std::time::{Duration, Instant};
 
@@ -85,7 +86,7 @@ fn within<T: Send>(end: Option<&End>, f: impl FnOnce() -> Result<T> + Send) -> R
     }
 }
 
-/// Every (load, round) on one pair of clusters; the clients run in `bj_ns`.
+/// Every (load, round) on one pair of clusters; the clients run beside the old primary.
 fn on(
     a: &FailoverArgs,
     w: &TwoClusters,
@@ -110,7 +111,7 @@ fn on(
                 (&w.tj, &w.bj, tj_ns)
             };
             let rate = max * f64::from(load) / 100.0;
-            let r = within(bj_ns, || one(a, from, to, ns, rate, &format!("f{n}-"))).with_context(
+            let r = within(ns, || one(a, from, to, ns, rate, &format!("f{n}-"))).with_context(
                 || format!("failover {n} ({} -> {}, {load}% load)", from.name, to.name),
             )?;
             eprintln!(

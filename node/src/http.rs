@@ -62,7 +62,11 @@ async fn health(State(s): State<HttpState>) -> Json<Health> {
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     let body = match s.node.get() {
-        Some(node) => node.metrics.encode(&node.table),
+        Some(node) => node.metrics.encode(
+            &node.table,
+            node.config.plog_hold_max_bytes,
+            node.write_block().is_some(),
+        ),
         None => String::from("# EOF\n"),
     };
     (

@@ -84,9 +84,10 @@ impl Metrics {
             .sum()
     }
 
-    /// The Prometheus text exposition (OpenMetrics flavour) of these counters and the table's
-    /// partition stats.
-    pub fn encode(&self, table: &Table) -> String {
+    /// The Prometheus text exposition (OpenMetrics flavour) of these counters, the table's
+    /// partition stats, the plog hold limit (`plog_hold_max_bytes`, so alerts can compare what
+    /// dups keep with it) and whether client writes are refused now.
+    pub fn encode(&self, table: &Table, plog_hold_max_bytes: u64, writes_refused: bool) -> String {
         let mut reg = Registry::default();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let sum = |f: &dyn Fn(&ferry_engine::partition::PartitionStats) -> u64| -> u64 {
@@ -148,6 +149,21 @@ impl Metrics {
             "ferry_node_committed_decree",
             "Last committed decree per partition",
             decrees,
+        );
+
+        let hold = Gauge::<i64>::default();
+        hold.set(i64::try_from(plog_hold_max_bytes).unwrap_or(i64::MAX));
+        reg.register(
+            "ferry_node_plog_hold_max_bytes",
+            "Most plog bytes a partition keeps for lagging duplications (0: no limit)",
+            hold,
+        );
+        let refused = Gauge::<i64>::default();
+        refused.set(i64::from(writes_refused));
+        reg.register(
+            "ferry_node_writes_refused",
+            "1 while the table refuses client writes (read_only or demoted, e.g. during a failover)",
+            refused,
         );
 
         let connections = Gauge::<i64>::default();

@@ -91,6 +91,15 @@ fn write_lag_histogram() -> Histogram {
 }
 
 impl Metrics {
+    /// Creates the partition's failure and checkpoint series at 0 when it starts shipping, so
+    /// that `rate()` and alerts see them before the first failure or copy.
+    pub fn start_series(&self, l: &Labels) {
+        let _ = self.failed_ops.get_or_create(l);
+        let _ = self.session_failures.get_or_create(l);
+        let _ = self.checkpoint_bytes.get_or_create(l);
+        let _ = self.checkpoint_remaining.get_or_create(l);
+    }
+
     /// Creates and registers every metric.
     pub fn new() -> Metrics {
         let mut registry = Registry::default();

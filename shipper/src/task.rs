@@ -91,6 +91,7 @@ pub async fn run(
         };
         backoff = Duration::from_millis(200);
         shared.metrics.leader.get_or_create(&l).set(1);
+        shared.metrics.start_series(&l);
         let token = leadership.fencing_token();
         tracing::info!(table = %key.table, dupid = %key.dupid, partition = key.partition.0, token, "leading the shipping of this partition");
         shared.board.with(&key, |e| e.fencing_token = Some(token));

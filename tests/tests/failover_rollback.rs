@@ -1,13 +1,13 @@
 //! A planned failover that fails at a step rolls back, on real processes: the source serves
 //! again, nothing acknowledged is lost, the error names the step and the partition, and once the
 //! cause is gone the same failover succeeds. A coordinator leader killed between steps is
-//! replaced by a standby that finishes the failover. (The drain without a shipper is in
-//! `planned_failover.rs`.)
+//! replaced by a standby that finishes the failover.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
 
+use ferry_tests::delay::UdpDelay;
 use ferry_tests::dup::{Cluster, TwoClusters, GROUP};
 use ferry_tests::etcd::{failpoint, ferry, Coordinator, CoordinatorSpec};
 
@@ -19,14 +19,20 @@ fn standby_pair_with(n: u32) -> Result<TwoClusters> {
     let w = TwoClusters::start(TABLE, 2, 2)?;
     w.tj.ferry_ok(&["table", "set-state", TABLE, "demoted"])?;
     w.bj.add_dup(TABLE, "tj")?;
-    let mut con = w.bj.redis()?;
-    for i in 0..n {
+    write_keys(&w.bj, 0..n)?;
+    Ok(w)
+}
+
+/// Writes `k<i>` = `v` for every `i` of `keys` to `c`.
+fn write_keys(c: &Cluster, keys: std::ops::Range<u32>) -> Result<()> {
+    let mut con = c.redis()?;
+    for i in keys {
         redis::cmd("SET")
             .arg(format!("k{i}"))
             .arg("v")
             .query::<()>(&mut con)?;
     }
-    Ok(w)
+    Ok(())
 }
 
 fn state(c: &Cluster) -> Result<String> {
@@ -59,18 +65,16 @@ fn check_keys(c: &Cluster, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// `ferry failover -t TABLE --to tj` on bj, with more flags.
+fn to_tj(w: &TwoClusters, flags: &[&str]) -> Result<String> {
+    let mut args = vec!["failover", "-t", TABLE, "--to", "tj"];
+    args.extend_from_slice(flags);
+    w.bj.ferry_ok(&args)
+}
+
 /// A failed failover: the error, after checking that bj serves again and tj never took over.
 fn failed_failover(w: &TwoClusters, deadline: &str) -> Result<String> {
-    let e =
-        w.bj.ferry_ok(&[
-            "failover",
-            "-t",
-            TABLE,
-            "--to",
-            "tj",
-            "--deadline",
-            deadline,
-        ])
+    let e = to_tj(w, &["--deadline", deadline])
         .expect_err("the failover fails")
         .to_string();
     eprintln!("{e}");
@@ -79,6 +83,27 @@ fn failed_failover(w: &TwoClusters, deadline: &str) -> Result<String> {
     ensure!(state(&w.tj)? == "demoted", "tj took over after all");
     wait_writable(&w.bj, Duration::from_secs(5))?;
     Ok(e)
+}
+
+#[test]
+fn a_killed_shipper_stops_the_drain_and_the_failover_rolls_back() -> Result<()> {
+    let mut w = standby_pair_with(200)?;
+    w.bj.shipper.as_mut().context("bj's shipper")?.kill9();
+    write_keys(&w.bj, 200..300)?;
+    let e = failed_failover(&w, "3s")?;
+    ensure!(e.contains("draining: partition"), "{e}");
+    // tj never took a write.
+    let mut tcon = w.tj.redis()?;
+    ensure!(redis::cmd("SET")
+        .arg("x")
+        .arg("1")
+        .query::<()>(&mut tcon)
+        .is_err());
+    w.bj.start_shipper()?;
+    let out = to_tj(&w, &[])?;
+    ensure!(out.contains("step done"), "{out}");
+    wait_writable(&w.tj, Duration::from_secs(5))?;
+    check_keys(&w.tj, 300)
 }
 
 #[test]
@@ -91,7 +116,7 @@ fn a_target_node_down_rolls_back_at_the_hand_over() -> Result<()> {
         "{e}"
     );
     w.tj.restart_node(&w.etcd)?;
-    let out = w.bj.ferry_ok(&["failover", "-t", TABLE, "--to", "tj"])?;
+    let out = to_tj(&w, &[])?;
     ensure!(out.contains("step done"), "{out}");
     wait_writable(&w.tj, Duration::from_secs(5))?;
     check_keys(&w.tj, 200)
@@ -111,7 +136,7 @@ fn a_target_that_does_not_catch_up_in_time_is_called_off() -> Result<()> {
     let out = w.tj.ferry_ok(&["failover", "-t", TABLE, "--status"])?;
     ensure!(out.contains("step aborted"), "{out}");
     failpoint(w.tj.coordinator.addr, "failover-hold", None)?;
-    w.bj.ferry_ok(&["failover", "-t", TABLE, "--to", "tj"])?;
+    to_tj(&w, &[])?;
     wait_writable(&w.tj, Duration::from_secs(5))?;
     check_keys(&w.tj, 100)
 }
@@ -123,16 +148,7 @@ fn a_deadline_that_passes_after_the_target_took_over_finishes_the_failover() -> 
     // calls the failover off tj answers that it already took over, so bj goes forward (to
     // demoted), never back to taking writes.
     failpoint(w.bj.coordinator.addr, "failover-blind", Some("return"))?;
-    let out = w.bj.ferry_ok(&[
-        "--json",
-        "failover",
-        "-t",
-        TABLE,
-        "--to",
-        "tj",
-        "--deadline",
-        "2s",
-    ])?;
+    let out = to_tj(&w, &["--json", "--deadline", "2s"])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     ensure!(
         v["record"]["step"] == "done" && v["state"] == "demoted",
@@ -140,7 +156,7 @@ fn a_deadline_that_passes_after_the_target_took_over_finishes_the_failover() -> 
     );
     let why = v["record"]["error"].as_str().unwrap_or_default();
     ensure!(
-        why.contains("handing over"),
+        why.contains("handing over") || why.contains("draining"),
         "the record keeps why it was called off: {v}"
     );
     ensure!(state(&w.tj)? == "available");
@@ -166,7 +182,7 @@ fn a_standby_coordinator_finishes_a_failover_whose_leader_was_killed() -> Result
             "failover-hold",
             Some(&format!("return({step})")),
         )?;
-        w.bj.ferry_ok(&["failover", "-t", TABLE, "--to", "tj", "--no-wait"])?;
+        to_tj(&w, &["--no-wait"])?;
         // Bounded: the held leader stays in `step`.
         let start = Instant::now();
         loop {
@@ -208,4 +224,25 @@ fn a_standby_coordinator_finishes_a_failover_whose_leader_was_killed() -> Result
         eprintln!("killed the leader at {step}: the standby finished the failover");
     }
     Ok(())
+}
+
+#[test]
+fn a_cut_link_stops_the_drain_and_the_failover_rolls_back() -> Result<()> {
+    let mut w = TwoClusters::start(TABLE, 2, 2)?;
+    w.tj.ferry_ok(&["table", "set-state", TABLE, "demoted"])?;
+    // The shippers reach tj's receiver through a relay the test cuts (the coordinators talk
+    // directly: this is the data path going down).
+    let relay = UdpDelay::start(w.tj.receiver_quic, Duration::from_millis(1))?;
+    w.tj.advertise_receiver_at(relay.addr)?;
+    w.bj.add_dup(TABLE, "tj")?;
+    write_keys(&w.bj, 0..200)?;
+    relay.set_cut(true);
+    write_keys(&w.bj, 200..300)?;
+    let e = failed_failover(&w, "3s")?;
+    ensure!(e.contains("draining: partition"), "{e}");
+    relay.set_cut(false);
+    let out = to_tj(&w, &[])?;
+    ensure!(out.contains("step done"), "{out}");
+    wait_writable(&w.tj, Duration::from_secs(5))?;
+    check_keys(&w.tj, 300)
 }

@@ -355,17 +355,28 @@ async fn round(shared: &Shared, meta: &MetaStore) -> Result<bool, MetaError> {
     let records = meta.failovers().await?;
     let running = records.iter().filter(|(_, r)| !r.step.is_final()).count();
     shared.metrics.failovers_running.set(running as i64);
-    for (table, r) in records {
+    for (table, mut r) in records {
         if r.step.is_final() {
             continue;
         }
         active = true;
-        if ferry_proc::failpoints::returned("failover-hold").as_deref() == Some(r.step.as_str()) {
-            continue;
-        }
-        match r.role {
-            Role::Source => source_step(shared, meta, &table, r).await?,
-            Role::Target => target_step(shared, meta, &table, r).await?,
+        // A step that ends goes on to the next one at once, not a tick later.
+        for _ in 0..4 {
+            if ferry_proc::failpoints::returned("failover-hold").as_deref() == Some(r.step.as_str())
+            {
+                break;
+            }
+            let before = r.step;
+            match r.role {
+                Role::Source => source_step(shared, meta, &table, r.clone()).await?,
+                Role::Target => target_step(shared, meta, &table, r.clone()).await?,
+            }
+            match meta.failover(&table).await? {
+                Some(next) if next.id == r.id && next.step != before && !next.step.is_final() => {
+                    r = next
+                }
+                _ => break,
+            }
         }
     }
     Ok(active)
@@ -425,9 +436,8 @@ async fn source_step(
             let drained = confirmed.iter().zip(&r.last_decrees).all(|(c, l)| c >= l);
             match answer {
                 Ok(view) => match view.record.filter(|t| t.id == r.id).map(|t| t.step) {
-                    // `promoting` finishes by itself in a moment: wait for `done`, which also
-                    // names the dup back.
-                    Some(Step::Done) => {
+                    // From `promoting` on the target takes over whatever happens: demote now.
+                    Some(Step::Promoting) | Some(Step::Done) => {
                         // The target applied every last decree, so each is confirmed, whatever
                         // the shippers last wrote to etcd.
                         let applied: Vec<Decree> = confirmed
@@ -536,16 +546,18 @@ async fn source_step(
         Step::Demoting => {
             meta.set_table_order(table, TableState::Demoted, None)
                 .await?;
-            // The dup back, as the target named it (best effort: the target's view has it).
+            // The dup back, as the target names it once done (best effort: if the target
+            // cannot be asked, the failover ends without the name; the target's record has it).
             let mut reverse_dupid = r.reverse_dupid;
             if r.reverse && reverse_dupid.is_none() {
                 if let Ok(c) = remote(&shared.config, &r.remote) {
                     let path = format!("/v1/tables/{}/failover", r.remote_table);
                     if let Ok(v) = c.get::<FailoverView>(&path).await {
-                        reverse_dupid = v
-                            .record
-                            .filter(|t| t.id == r.id)
-                            .and_then(|t| t.reverse_dupid);
+                        match v.record.filter(|t| t.id == r.id) {
+                            Some(t) if t.step == Step::Promoting && !late => return Ok(()),
+                            Some(t) => reverse_dupid = t.reverse_dupid,
+                            None => {}
+                        }
                     }
                 }
             }

@@ -608,7 +608,7 @@ async fn add_dup(
         DupMode::Incremental
     };
     let (dupid, info) = meta
-        .add_dup_with(&table, &req.remote, mode, &policy, extra, now_ms())
+        .add_dup_with(&table, &req.remote, mode, &policy, extra, None, now_ms())
         .await?;
     tracing::info!(%table, %dupid, remote = %req.remote, %mode, status = %info.status, "added dup");
     Ok(Json(DupView { dupid, table, info }))

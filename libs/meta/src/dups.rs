@@ -108,11 +108,41 @@ impl MetaStore {
         policy: &DupPolicy<'_>,
         now_ms: u64,
     ) -> Result<(DupId, DupInfo), MetaError> {
-        self.add_dup_with(table, remote, mode, policy, Map::new(), now_ms)
+        self.add_dup_with(table, remote, mode, policy, Map::new(), None, now_ms)
             .await
     }
 
-    /// [`MetaStore::add_dup`] with extra fields stored in the dup (a full dup's options).
+    /// Adds an incremental dup of `table` to `remote` that ships from right after `decrees`
+    /// (each partition's, in order), written in the same transaction as its progress, whatever
+    /// the table's state but `creating`: what a failover's `--reverse` leaves behind, from the
+    /// decrees before the table took its first write.
+    pub async fn add_dup_from(
+        &self,
+        table: &str,
+        remote: &str,
+        policy: &DupPolicy<'_>,
+        decrees: &[Decree],
+        now_ms: u64,
+    ) -> Result<DupId, MetaError> {
+        let (dupid, _) = self
+            .add_dup_with(
+                table,
+                remote,
+                DupMode::Incremental,
+                policy,
+                Map::new(),
+                Some(decrees),
+                now_ms,
+            )
+            .await?;
+        Ok(dupid)
+    }
+
+    /// [`MetaStore::add_dup`] with extra fields stored in the dup (a full dup's options) and,
+    /// with `start`, its progress on every partition, in one compare-and-swap (the dupid
+    /// sequence, the table and the absence of the dup key are checked). Without `start` the
+    /// table must be `available`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn add_dup_with(
         &self,
         table: &str,
@@ -120,6 +150,7 @@ impl MetaStore {
         mode: DupMode,
         policy: &DupPolicy<'_>,
         extra: Map<String, serde_json::Value>,
+        start: Option<&[Decree]>,
         now_ms: u64,
     ) -> Result<(DupId, DupInfo), MetaError> {
         known_table(table)?;
@@ -139,11 +170,26 @@ impl MetaStore {
                 .await?
                 .ok_or_else(|| MetaError::NoSuchTable(table.into()))?;
             let info: crate::TableInfo = decode(&table_kv)?;
-            if info.state != TableState::Available {
-                return Err(MetaError::Conflict(format!(
-                    "table {table} is {}; a dup can only be added to an available table",
-                    info.state
-                )));
+            match start {
+                None if info.state != TableState::Available => {
+                    return Err(MetaError::Conflict(format!(
+                        "table {table} is {}; a dup can only be added to an available table",
+                        info.state
+                    )));
+                }
+                Some(_) if info.state == TableState::Creating => {
+                    return Err(MetaError::Conflict(format!(
+                        "table {table} is still creating; no dup can start from it yet"
+                    )));
+                }
+                Some(d) if d.len() != info.partition_count as usize => {
+                    return Err(MetaError::Invalid(format!(
+                        "table {table} has {} partitions but {} start decrees were given",
+                        info.partition_count,
+                        d.len()
+                    )));
+                }
+                _ => {}
             }
             if let Some((id, _)) = self
                 .list_dups(table)
@@ -171,17 +217,33 @@ impl MetaStore {
                 remote_table: table.into(),
                 extra: extra.clone(),
             };
+            let mut ops = vec![
+                TxnOp::put(seq_key.clone(), encode(&dupid.0), None),
+                TxnOp::put(dup_key.clone(), encode(&dup), None),
+            ];
+            for (p, d) in start.unwrap_or_default().iter().enumerate() {
+                let progress = Progress {
+                    confirmed_decree: *d,
+                    last_confirmed_timestamp_ms: 0,
+                    committed_decree: *d,
+                    updated_at_ms: now_ms,
+                    last_error: None,
+                    extra: Map::new(),
+                };
+                ops.push(TxnOp::put(
+                    self.keys().progress(table, dupid, PartitionId(p as u32)),
+                    encode(&progress),
+                    None,
+                ));
+            }
             let ok = self
                 .cas(
                     vec![
                         unchanged(&seq_key, seq.as_ref()),
                         unchanged(&table_key, Some(&table_kv)),
-                        Compare::version(dup_key.clone(), CompareOp::Equal, 0),
+                        Compare::version(dup_key, CompareOp::Equal, 0),
                     ],
-                    vec![
-                        TxnOp::put(seq_key.clone(), encode(&dupid.0), None),
-                        TxnOp::put(dup_key, encode(&dup), None),
-                    ],
+                    ops,
                 )
                 .await?;
             if ok {

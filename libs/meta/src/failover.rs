@@ -9,16 +9,14 @@
 //!   put in force (fenced or not), each partition's committed decree at that point (while fenced:
 //!   its last decree), and whether it met the table's [`CatchUp`] order.
 
-use etcd_client::{Compare, CompareOp, TxnOp};
+use etcd_client::TxnOp;
 use ferry_proto::{Decree, DupId, PartitionId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::dups::DupPolicy;
-use crate::status::{DupStatus, FailMode};
 use crate::{
-    decode, encode, known_table, unchanged, DupInfo, DupMode, MetaError, MetaStore, Progress,
-    TableInfo, TableState, CAS_ATTEMPTS,
+    decode, encode, known_table, unchanged, MetaError, MetaStore, TableInfo, TableState,
+    CAS_ATTEMPTS,
 };
 
 /// Which side of the failover this cluster is.
@@ -355,96 +353,6 @@ impl MetaStore {
             out.push((key.trim_start_matches(&prefix).to_owned(), decode(&kv)?));
         }
         Ok(out)
-    }
-
-    /// Adds the dup that a failover's `--reverse` leaves behind: `table` to `remote`, in
-    /// `DS_LOG`, shipping from right after `decrees` (each partition's last decree before the
-    /// table took writes), in one transaction with its progress, whatever the table's state.
-    pub async fn add_dup_from(
-        &self,
-        table: &str,
-        remote: &str,
-        policy: &DupPolicy<'_>,
-        decrees: &[Decree],
-        now_ms: u64,
-    ) -> Result<DupId, MetaError> {
-        known_table(table)?;
-        policy.check_remote(table, remote)?;
-        let table_key = self.keys().table(table);
-        let seq_key = self.keys().dupid_seq();
-        for _ in 0..CAS_ATTEMPTS {
-            let table_kv = self
-                .get(table_key.clone())
-                .await?
-                .ok_or_else(|| MetaError::NoSuchTable(table.into()))?;
-            let info: TableInfo = decode(&table_kv)?;
-            if decrees.len() != info.partition_count as usize {
-                return Err(MetaError::Invalid(format!(
-                    "table {table} has {} partitions but {} start decrees were given",
-                    info.partition_count,
-                    decrees.len()
-                )));
-            }
-            if let Some((id, _)) = self
-                .list_dups(table)
-                .await?
-                .into_iter()
-                .find(|(_, d)| d.remote == remote && d.status != DupStatus::Removed)
-            {
-                return Err(MetaError::Conflict(format!(
-                    "table {table} already has dup {id} to cluster {remote}"
-                )));
-            }
-            let seq = self.get(seq_key.clone()).await?;
-            let last: u64 = match &seq {
-                Some(kv) => decode(kv)?,
-                None => 0,
-            };
-            let dupid = DupId((now_ms / 1000).max(last + 1));
-            let dup_key = self.keys().dup(table, dupid);
-            let dup = DupInfo {
-                remote: remote.into(),
-                status: DupStatus::Log,
-                create_timestamp_ms: now_ms,
-                fail_mode: FailMode::Slow,
-                mode: DupMode::Incremental,
-                remote_table: table.into(),
-                extra: Map::new(),
-            };
-            let mut ops = vec![
-                TxnOp::put(seq_key.clone(), encode(&dupid.0), None),
-                TxnOp::put(dup_key.clone(), encode(&dup), None),
-            ];
-            for (p, d) in decrees.iter().enumerate() {
-                let progress = Progress {
-                    confirmed_decree: *d,
-                    last_confirmed_timestamp_ms: 0,
-                    committed_decree: *d,
-                    updated_at_ms: now_ms,
-                    last_error: None,
-                    extra: Map::new(),
-                };
-                ops.push(TxnOp::put(
-                    self.keys().progress(table, dupid, PartitionId(p as u32)),
-                    encode(&progress),
-                    None,
-                ));
-            }
-            let ok = self
-                .cas(
-                    vec![
-                        unchanged(&seq_key, seq.as_ref()),
-                        unchanged(&table_key, Some(&table_kv)),
-                        Compare::version(dup_key, CompareOp::Equal, 0),
-                    ],
-                    ops,
-                )
-                .await?;
-            if ok {
-                return Ok(dupid);
-            }
-        }
-        Err(MetaError::Contended { key: seq_key })
     }
 }
 
