@@ -270,20 +270,20 @@ async fn clear_order(meta: &MetaStore, table: &str, id: u64) -> Result<(), MetaE
 
 /// The table's last failover and each partition's part in it.
 pub async fn view(meta: &MetaStore, cluster: &str, table: &str) -> Result<FailoverView, ApiError> {
-    let desc = meta.describe_table(table).await?;
+    let (info, rows) = partition_acks(meta, table).await?;
     let record = meta.failover(table).await?;
-    let acks: HashMap<String, StateAck> = meta.state_acks(table).await?.into_iter().collect();
     let mut partitions = Vec::new();
-    for (p, entry) in desc.partitions.iter().enumerate() {
-        let node = entry.as_ref().and_then(|e| e.node.clone());
-        let ack = node.as_ref().and_then(|n| acks.get(n));
-        let acked = ack.and_then(|a| decree_of(a, PartitionId(p as u32)));
+    for (p, pa) in rows.into_iter().enumerate() {
         let mut row = FailoverPartition {
             partition: p as u32,
-            node,
-            decree: acked.map(|d| d.0),
+            decree: pa
+                .ack
+                .as_ref()
+                .and_then(|a| decree_of(a, pa.partition))
+                .map(|d| d.0),
+            fenced: pa.ack.as_ref().map(|a| a.fenced),
+            node: pa.node,
             confirmed_decree: None,
-            fenced: ack.map(|a| a.fenced),
             caught_up: None,
         };
         if let Some(r) = &record {
@@ -295,7 +295,7 @@ pub async fn view(meta: &MetaStore, cluster: &str, table: &str) -> Result<Failov
                     row.confirmed_decree = r.confirmed.get(p).map(|d| d.0);
                 }
                 Role::Target => {
-                    row.caught_up = Some(ack.is_some_and(|a| a.caught_up == Some(r.id)))
+                    row.caught_up = Some(pa.ack.as_ref().is_some_and(|a| a.caught_up == Some(r.id)))
                 }
             }
         }
@@ -309,7 +309,7 @@ pub async fn view(meta: &MetaStore, cluster: &str, table: &str) -> Result<Failov
     Ok(FailoverView {
         cluster: cluster.to_owned(),
         table: table.to_owned(),
-        state: desc.info.state,
+        state: info.state,
         record,
         elapsed_ms,
         partitions,
@@ -318,6 +318,47 @@ pub async fn view(meta: &MetaStore, cluster: &str, table: &str) -> Result<Failov
 
 fn decree_of(ack: &StateAck, p: PartitionId) -> Option<Decree> {
     ack.decrees.iter().find(|(q, _)| *q == p).map(|(_, d)| *d)
+}
+
+/// One partition of this side's table: its node, and that node's last answer to the table state.
+struct PartitionAck {
+    partition: PartitionId,
+    node: Option<String>,
+    ack: Option<StateAck>,
+}
+
+impl PartitionAck {
+    /// The partition's decree in the answer, if the answer is fenced at `revision` or later.
+    fn fenced_decree(&self, revision: i64) -> Option<Decree> {
+        self.ack
+            .as_ref()
+            .filter(|a| a.fenced && a.revision >= revision)
+            .and_then(|a| decree_of(a, self.partition))
+    }
+}
+
+/// Every partition of `table` with its node's answer, in partition order, and the table.
+async fn partition_acks(
+    meta: &MetaStore,
+    table: &str,
+) -> Result<(ferry_meta::TableInfo, Vec<PartitionAck>), MetaError> {
+    let desc = meta.describe_table(table).await?;
+    let acks: HashMap<String, StateAck> = meta.state_acks(table).await?.into_iter().collect();
+    let rows = desc
+        .partitions
+        .iter()
+        .enumerate()
+        .map(|(p, e)| {
+            let node = e.as_ref().and_then(|e| e.node.clone());
+            let ack = node.as_ref().and_then(|n| acks.get(n)).cloned();
+            PartitionAck {
+                partition: PartitionId(p as u32),
+                node,
+                ack,
+            }
+        })
+        .collect();
+    Ok((desc.info, rows))
 }
 
 /// The leader's loop: advances every running failover of the cluster. Returns only when the
@@ -633,19 +674,14 @@ async fn fenced_decrees(
     table: &str,
     revision: i64,
 ) -> Result<Result<Vec<Decree>, String>, MetaError> {
-    let desc = meta.describe_table(table).await?;
-    let acks: HashMap<String, StateAck> = meta.state_acks(table).await?.into_iter().collect();
+    let (_, rows) = partition_acks(meta, table).await?;
     let mut out = Vec::new();
-    for (p, entry) in desc.partitions.iter().enumerate() {
-        let p = PartitionId(p as u32);
-        let Some(node) = entry.as_ref().and_then(|e| e.node.clone()) else {
+    for pa in rows {
+        let p = pa.partition;
+        let Some(node) = &pa.node else {
             return Ok(Err(format!("partition {p} has no node")));
         };
-        let d = acks
-            .get(&node)
-            .filter(|a| a.revision >= revision && a.fenced)
-            .and_then(|a| decree_of(a, p));
-        match d {
+        match pa.fenced_decree(revision) {
             Some(d) => out.push(d),
             None => {
                 return Ok(Err(format!(
@@ -717,15 +753,10 @@ async fn target_step(
 ) -> Result<(), MetaError> {
     match r.step {
         Step::CatchingUp => {
-            let desc = meta.describe_table(table).await?;
-            let acks: HashMap<String, StateAck> =
-                meta.state_acks(table).await?.into_iter().collect();
-            let all = desc.partitions.iter().all(|e| {
-                e.as_ref()
-                    .and_then(|e| e.node.as_ref())
-                    .and_then(|n| acks.get(n))
-                    .is_some_and(|a| a.caught_up == Some(r.id))
-            });
+            let (_, rows) = partition_acks(meta, table).await?;
+            let all = rows
+                .iter()
+                .all(|pa| pa.ack.as_ref().is_some_and(|a| a.caught_up == Some(r.id)));
             if !all {
                 return Ok(());
             }
@@ -752,22 +783,14 @@ async fn target_step(
             if r.reverse && r.reverse_dupid.is_none() {
                 // The decrees before the table takes its first write: the dup back ships
                 // everything after them.
-                let desc = meta.describe_table(table).await?;
-                let acks: HashMap<String, StateAck> =
-                    meta.state_acks(table).await?.into_iter().collect();
-                let mut decrees = Vec::new();
-                for (p, e) in desc.partitions.iter().enumerate() {
-                    let d = e
-                        .as_ref()
-                        .and_then(|e| e.node.as_ref())
-                        .and_then(|n| acks.get(n))
-                        .filter(|a| a.fenced)
-                        .and_then(|a| decree_of(a, PartitionId(p as u32)));
-                    let Some(d) = d else {
-                        return Ok(());
-                    };
-                    decrees.push(d);
-                }
+                let (_, rows) = partition_acks(meta, table).await?;
+                let Some(decrees) = rows
+                    .iter()
+                    .map(|pa| pa.fenced_decree(0))
+                    .collect::<Option<Vec<Decree>>>()
+                else {
+                    return Ok(());
+                };
                 let existing = meta
                     .list_dups(table)
                     .await?
