@@ -729,16 +729,23 @@ async fn fail(
     Ok(())
 }
 
-/// Lifts the fence: the source serves again.
-async fn unfence(meta: &MetaStore, table: &str, r: &FailoverRecord) -> Result<(), MetaError> {
+/// The table takes writes on this side (its fence lifted, any catch-up order cleared), then
+/// failover `id` ends in `step`.
+async fn serve_here(meta: &MetaStore, table: &str, id: u64, step: Step) -> Result<(), MetaError> {
     meta.set_table_order(table, TableState::Available, None)
         .await?;
-    meta.update_failover(table, r.id, |r| {
-        r.step = Step::RolledBack;
+    meta.update_failover(table, id, |r| {
+        r.step = step;
         r.finished_at_ms = Some(now_ms());
         Ok(())
     })
-    .await?;
+    .await
+    .map(drop)
+}
+
+/// Lifts the fence: the source serves again.
+async fn unfence(meta: &MetaStore, table: &str, r: &FailoverRecord) -> Result<(), MetaError> {
+    serve_here(meta, table, r.id, Step::RolledBack).await?;
     tracing::warn!(%table, failover = r.id, error = r.error.as_deref().unwrap_or(""),
         "failover rolled back: the table takes writes here again");
     Ok(())
@@ -816,14 +823,7 @@ async fn target_step(
                 .await?;
                 tracing::info!(%table, failover = r.id, %dupid, remote = %r.remote, "the dup back to the old source is in DS_LOG");
             }
-            meta.set_table_order(table, TableState::Available, None)
-                .await?;
-            meta.update_failover(table, r.id, |r| {
-                r.step = Step::Done;
-                r.finished_at_ms = Some(now_ms());
-                Ok(())
-            })
-            .await?;
+            serve_here(meta, table, r.id, Step::Done).await?;
             tracing::info!(%table, failover = r.id, from = %r.remote, "took over: the table takes writes here now");
         }
         _ => {}
