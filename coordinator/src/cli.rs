@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use ferry_admin::api::{
-    AddDup, CopyView, CreateTable, DupView, FailoverView, RebootstrapView, SetFailMode, SetRate,
-    SetTableState, StartFailover, StatusView, TableDetail, TableView,
+    AddDup, CopyView, CreateTable, DupView, FailoverView, ForceFailover, RebootstrapView,
+    RecoverFailover, SetFailMode, SetRate, SetTableState, StartFailover, StatusView, TableDetail,
+    TableView, Verify, VerifyView,
 };
 use ferry_admin::client::{AdminClient, ClientError};
 use ferry_meta::failover::{Role, Step};
@@ -56,9 +57,26 @@ pub enum Command {
     Dup(DupCommand),
     /// The cluster: leader, coordinators, nodes, table and dup counts.
     Status,
-    /// Hand a table's writes over to another cluster with no loss (planned failover), or show
-    /// the table's last failover with `--status`. Run it on the source cluster.
+    /// Compare a table with its copy on another cluster (a one-way dup's target) at a
+    /// consistent point: equal, or the partitions that differ. Exits 1 if they differ.
+    Verify {
+        /// The table (on this cluster).
+        #[arg(long, short = 't')]
+        table: String,
+        /// The cluster holding the copy.
+        #[arg(long, short = 'c')]
+        cluster: String,
+        /// How long to look for a moment when no write commits on this side.
+        #[arg(long, default_value = "30s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        within: Duration,
+    },
+    /// Hand a table's writes over to another cluster with no loss (planned failover, on the
+    /// source's CLI), take them over when the source is gone (`--force`, on the target's), ship
+    /// what a forced failover missed (`--recover`, on the old source's), or show the table's
+    /// last failover (`--status`).
     Failover(FailoverArgs),
+    /// A RESP proxy that sends each command to the table's current primary (docs/proxy.md).
+    Proxy(crate::proxy::ProxyArgs),
 }
 
 /// `ferry failover ...`.
@@ -69,7 +87,7 @@ pub struct FailoverArgs {
     pub table: String,
     /// The cluster that takes the writes over (the table's dup to it must be in DS_LOG, and its
     /// table must refuse writes: `demoted` or `read_only`).
-    #[arg(long, required_unless_present_any = ["status", "force", "recover"])]
+    #[arg(long, required_unless_present_any = ["status", "recover"])]
     pub to: Option<String>,
     /// Add the duplication back (target → this cluster) from the hand-over, so a failback
     /// needs no full copy.
@@ -78,16 +96,26 @@ pub struct FailoverArgs {
     /// How long the failover may take before it is rolled back and this cluster serves again.
     #[arg(long, default_value = "60s", value_parser = humantime_serde::re::humantime::parse_duration)]
     pub deadline: Duration,
+    /// Take over only if the target's content equals this side's at the fence (per-partition
+    /// digests, compared once the target applied the last decrees); otherwise roll back.
+    #[arg(long, conflicts_with_all = ["force", "recover"])]
+    pub verify: bool,
     /// Return once the failover is recorded instead of waiting for it to end.
     #[arg(long)]
     pub no_wait: bool,
     /// Show the table's last failover: its step, each partition's drain, the elapsed time.
     #[arg(long, conflicts_with_all = ["to", "force", "recover"])]
     pub status: bool,
-    /// Unplanned failover, on the target cluster when the source is gone.
+    /// Unplanned failover, on the target cluster's CLI when the source is gone (`--to` names
+    /// this cluster): the table takes writes at once; the report names, per source partition,
+    /// the last write it had applied (later writes on the source may be missing).
     #[arg(long)]
     pub force: bool,
-    /// After a forced failover: ship the old source's never-shipped writes to the new primary.
+    /// With --force: the source cluster, if the duplication group has several others.
+    #[arg(long, requires = "force")]
+    pub from: Option<String>,
+    /// On the old source after a forced failover: ship the writes the new primary never got
+    /// (last-writer-wins merges them there) and report how many, per partition.
     #[arg(long, conflicts_with = "force")]
     pub recover: bool,
 }
@@ -215,32 +243,45 @@ async fn failover(
     json: bool,
     args: FailoverArgs,
 ) -> Result<String, ClientError> {
-    if args.force || args.recover {
-        return Err(ClientError::Api(format!(
-            "`ferry failover {}` is not implemented in this version; only the planned failover \
-             (`ferry failover -t {} --to CLUSTER`, both clusters up) is",
-            if args.force { "--force" } else { "--recover" },
-            args.table
-        )));
-    }
     let path = format!("/v1/tables/{}/failover", seg(&args.table));
     if args.status {
         let v: FailoverView = client.get(&path).await?;
         return render(json, &v, render_failover);
     }
-    let Some(to) = args.to else {
-        return Err(ClientError::Api("give the target cluster with --to".into()));
+    let timeout_ms = args.deadline.as_millis() as u64;
+    let started: FailoverView = if args.recover {
+        client
+            .post(&format!("{path}/recover"), &RecoverFailover { timeout_ms })
+            .await?
+    } else {
+        let Some(to) = args.to.clone() else {
+            return Err(ClientError::Api("give the target cluster with --to".into()));
+        };
+        if args.force {
+            client
+                .post(
+                    &format!("{path}/force"),
+                    &ForceFailover {
+                        to,
+                        from: args.from.clone(),
+                        timeout_ms,
+                    },
+                )
+                .await?
+        } else {
+            client
+                .post(
+                    &path,
+                    &StartFailover {
+                        to,
+                        reverse: args.reverse,
+                        verify: args.verify,
+                        timeout_ms,
+                    },
+                )
+                .await?
+        }
     };
-    let started: FailoverView = client
-        .post(
-            &path,
-            &StartFailover {
-                to,
-                reverse: args.reverse,
-                timeout_ms: args.deadline.as_millis() as u64,
-            },
-        )
-        .await?;
     let Some(id) = started.record.as_ref().map(|r| r.id) else {
         return Err(ClientError::Api(
             "the coordinator accepted the failover but shows no record of it".into(),
@@ -277,10 +318,21 @@ async fn failover(
             eprintln!("{:>8} ms  {}", v.elapsed_ms, r.step);
             last_step = Some(r.step);
         }
-        if r.step.is_final() {
+        // A recover ends in `recovered`, or back in `done` with the reason it did not finish.
+        let ended = if args.recover {
+            matches!(r.step, Step::Recovered | Step::Done)
+        } else {
+            r.step.is_final()
+        };
+        if ended {
             let out = render(json, &v, render_failover)?;
-            return match r.step {
-                Step::Done => Ok(out),
+            return match (r.step, &r.error) {
+                (Step::Recovered, _) => Ok(out),
+                (Step::Done, Some(e)) if args.recover => Err(ClientError::Api(format!(
+                    "recover of table {} did not finish: {e}; run --recover again once the cause is fixed",
+                    args.table
+                ))),
+                (Step::Done, _) => Ok(out),
                 _ => Err(ClientError::Api(format!(
                     "failover {id} of table {} was {}: {}; the table serves here again",
                     args.table,
@@ -297,6 +349,15 @@ async fn failover(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A hybrid-clock time (µs since the Unix epoch) as UTC, or `unknown` for 0.
+fn utc_us(us: u64) -> String {
+    if us == 0 {
+        return "unknown".into();
+    }
+    let t = std::time::UNIX_EPOCH + Duration::from_micros(us);
+    humantime_serde::re::humantime::format_rfc3339_millis(t).to_string()
 }
 
 fn render_failover(v: &FailoverView) -> String {
@@ -340,12 +401,58 @@ fn render_failover(v: &FailoverView) -> String {
     if let Some(d) = r.reverse_dupid {
         let _ = writeln!(out, "dup back:  {d} ({to} -> {from}, DS_LOG)");
     }
+    if let (Some(d), Step::Done) = (&r.source_digest, r.step) {
+        let _ = writeln!(
+            out,
+            "verified: {to}'s content equalled {from}'s at the fence ({} entries, hash {})",
+            d.entries, d.content_hash
+        );
+    }
     if let Some(e) = &r.error {
         let _ = writeln!(out, "error:    {e}");
     }
     if let Some(w) = r.extra.get("waiting").and_then(|w| w.as_str()) {
         if !r.step.is_final() {
             let _ = writeln!(out, "waiting:  {w}");
+        }
+    }
+    if r.forced {
+        let _ = writeln!(
+            out,
+            "forced:   {from} was not asked; writes it took after these may be missing on {to} until `ferry failover -t {} --recover` on {from}",
+            r.remote_table
+        );
+        let rows = r
+            .applied
+            .iter()
+            .map(|a| {
+                let recovered = r
+                    .recovered
+                    .get(a.partition as usize)
+                    .map_or_else(|| "-".to_string(), |n| n.to_string());
+                vec![
+                    a.partition.to_string(),
+                    a.decree.to_string(),
+                    utc_us(a.timestamp_us),
+                    recovered,
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "SOURCE_PARTITION",
+                "LAST_APPLIED_DECREE",
+                "WRITTEN_AT",
+                "RECOVERED",
+            ],
+            rows,
+        ));
+        if !r.recovered.is_empty() {
+            let _ = writeln!(
+                out,
+                "recovered: {} writes {to} had not applied were shipped to it",
+                r.recovered.iter().sum::<u64>()
+            );
         }
     }
     out.push('\n');
@@ -382,6 +489,49 @@ fn render_failover(v: &FailoverView) -> String {
     out
 }
 
+fn render_verify(v: &VerifyView) -> String {
+    let mut out = format!(
+        "table {} here and `{}` on {}: {} ({} entries here, {} there; at decrees {:?}, {} attempt{})\n",
+        v.table,
+        v.remote_table,
+        v.remote,
+        if v.equal { "equal" } else { "DIFFERENT" },
+        v.source_entries,
+        v.target_entries,
+        v.decrees,
+        v.attempts,
+        if v.attempts == 1 { "" } else { "s" }
+    );
+    if !v.partitions.is_empty() {
+        let rows = v
+            .partitions
+            .iter()
+            .map(|p| {
+                vec![
+                    p.partition.to_string(),
+                    p.source_entries.to_string(),
+                    p.target_entries.to_string(),
+                    p.source_digest.clone(),
+                    p.target_digest.clone(),
+                    if p.equal { "equal" } else { "DIFFERENT" }.to_string(),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "PARTITION",
+                "ENTRIES_HERE",
+                "ENTRIES_THERE",
+                "DIGEST_HERE",
+                "DIGEST_THERE",
+                "",
+            ],
+            rows,
+        ));
+    }
+    out
+}
+
 /// Fail modes as typed on the command line.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum FailModeArg {
@@ -403,6 +553,31 @@ pub async fn run(cli: Cli) -> Result<String, ClientError> {
             render(json, &s, render_status)
         }
         Command::Failover(args) => failover(&client, json, args).await,
+        Command::Verify {
+            table,
+            cluster,
+            within,
+        } => {
+            let v: VerifyView = client
+                .post(
+                    &format!("/v1/tables/{}/verify", seg(&table)),
+                    &Verify {
+                        to: cluster,
+                        timeout_ms: within.as_millis() as u64,
+                    },
+                )
+                .await?;
+            let out = render(json, &v, render_verify)?;
+            if v.equal {
+                Ok(out)
+            } else {
+                Err(ClientError::Api(format!("the tables differ:\n{out}")))
+            }
+        }
+        Command::Proxy(args) => crate::proxy::run(args)
+            .await
+            .map(|()| String::new())
+            .map_err(|e| ClientError::Api(format!("{e:#}"))),
         Command::Table(TableCommand::Create { name, partitions }) => {
             let t: TableDetail = client
                 .post("/v1/tables", &CreateTable { name, partitions })

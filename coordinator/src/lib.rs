@@ -7,4 +7,5 @@
 
 pub mod cli;
 pub mod config;
+pub mod proxy;
 pub mod server;

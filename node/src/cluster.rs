@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use ferry_meta::config::ClusterConfig;
-use ferry_meta::failover::{CatchUp, StateAck};
+use ferry_meta::failover::{CatchUp, SourceApplied, StateAck};
 use ferry_meta::status::DupStatus;
 use ferry_meta::{
-    check_cluster_config, register_node, MetaError, MetaStore, NodeInfo, Registration, TableState,
+    check_cluster_config, register_node, MetaError, MetaStore, NodeInfo, Registration, TableInfo,
+    TableState,
 };
 use ferry_proto::{Decree, PartitionId};
 use tokio_util::sync::CancellationToken;
@@ -168,29 +169,78 @@ async fn sleep_or_stop(shutdown: &CancellationToken) -> bool {
 /// Puts the table's state in force on this node and answers it in etcd (a [`StateAck`]): a
 /// `read_only` or `demoted` table refuses client writes with a retryable error, fenced inside
 /// every partition's writer, so the decrees answered are the last ones; a catch-up order (a
-/// failover's target) is answered once every partition applied the source's decrees.
+/// failover's target) is answered once every partition applied the source's decrees, with what
+/// each partition applied from the source.
+///
+/// The return check: a table that takes writes and duplicates to other clusters refuses them
+/// from the node's start until the leader has checked, after that start, that no other cluster
+/// took them over by a forced failover (`checked/<table>`). A cluster that comes back after an
+/// outage so never takes a write the new primary does not know of.
 #[derive(Default)]
 pub struct TableWatch {
-    /// The revision of the table key in force, and what was last answered for it.
-    in_force: Option<i64>,
+    /// The revision of the table key in force, whether the return check had passed then, and
+    /// what was last answered for it.
+    in_force: Option<(i64, bool)>,
     acked: Option<StateAck>,
     state: Option<TableState>,
+    /// etcd's revision at the first round: the return check must be newer.
+    since: Option<i64>,
+    checked: bool,
+}
+
+/// How soon [`TableWatch::round`] wants to run again, if sooner than the table key changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Again {
+    /// When the table key changes.
+    OnChange,
+    /// A catch-up order is unmet.
+    CatchUp,
+    /// Writes wait for the return check.
+    Check,
 }
 
 impl TableWatch {
-    /// One round. Returns the revision read and whether a catch-up order is still unmet.
-    pub async fn round(&mut self, meta: &MetaStore, node: &Node) -> anyhow::Result<(i64, bool)> {
+    /// One round. Returns the revision read and when to run again.
+    pub async fn round(&mut self, meta: &MetaStore, node: &Node) -> anyhow::Result<(i64, Again)> {
         let table = node.table.name().to_owned();
-        let (info, revision) = meta.table_at(&table).await.map_err(|e| anyhow!("{e}"))?;
+        let err = |e: MetaError| anyhow!("{e}");
+        let since = match self.since {
+            Some(r) => r,
+            None => *self.since.insert(meta.revision().await.map_err(err)?),
+        };
+        // The check is read before the table: a leader that finds the table taken over demotes
+        // it before it writes the check, so a check read here comes with the demotion.
+        let stamp = match self.checked {
+            true => None,
+            false => meta.checked(&table).await.map_err(err)?.map(|(_, rev)| rev),
+        };
+        let (info, revision) = meta.table_at(&table).await.map_err(err)?;
         if self.state != Some(info.state) {
             tracing::info!(table = %table, state = info.state.as_str(), revision, "table state");
             self.state = Some(info.state);
         }
-        let fence = fence_error(&table, info.state);
+        if !self.checked {
+            self.checked = info.state != TableState::Available
+                || stamp.is_some_and(|rev| rev > since)
+                || !has_remote_dups(meta, &table).await?;
+            if self.checked
+                && self
+                    .acked
+                    .as_ref()
+                    .is_some_and(|a| a.unchecked_since.is_some())
+            {
+                tracing::info!(table = %table, "return check passed: no other cluster took the table's writes over; taking writes");
+            }
+        }
+        let fence = fence_error(&table, &info).or_else(|| {
+            (!self.checked).then(|| format!(
+                "TRYAGAIN table `{table}` waits for its coordinator's return check (that no other cluster took its writes over while this node was away); retry in a few seconds"
+            ))
+        });
         let fenced = fence.is_some();
-        let decrees = if self.in_force != Some(revision) {
+        let decrees = if self.in_force != Some((revision, self.checked)) {
             let d = node.fence(fence).await?;
-            self.in_force = Some(revision);
+            self.in_force = Some((revision, self.checked));
             d
         } else {
             self.acked
@@ -198,51 +248,132 @@ impl TableWatch {
                 .map(|a| a.decrees.clone())
                 .unwrap_or_default()
         };
-        let mut pending = false;
-        let caught_up = match &info.catch_up {
+        let mut again = if self.checked {
+            Again::OnChange
+        } else {
+            Again::Check
+        };
+        let (caught_up, applied) = match &info.catch_up {
             Some(order) => {
+                let applied = applied_from(node, order.source_cluster_id)?;
                 if caught_up(node, order)? {
-                    Some(order.failover)
+                    (Some(order.failover), applied)
                 } else {
-                    pending = true;
-                    None
+                    again = Again::CatchUp;
+                    (None, applied)
                 }
             }
-            None => None,
+            None => (None, Vec::new()),
         };
         let ack = StateAck {
             revision,
             fenced,
             decrees,
             caught_up,
+            applied,
+            unchecked_since: (!self.checked).then_some(since),
             at_ms: ferry_meta::now_ms(),
         };
         let same = self.acked.as_ref().is_some_and(|a| {
-            (a.revision, a.fenced, &a.decrees, a.caught_up)
-                == (ack.revision, ack.fenced, &ack.decrees, ack.caught_up)
+            StateAck {
+                at_ms: ack.at_ms,
+                ..a.clone()
+            } == ack
         });
         if !same {
             meta.put_state_ack(&table, &node.config.node_name(), &ack)
                 .await
-                .map_err(|e| anyhow!("{e}"))?;
+                .map_err(err)?;
             if let Some(f) = ack.caught_up {
                 tracing::info!(table = %table, failover = f, "caught up with the failover's source decrees");
             }
+            if ack.unchecked_since.is_some() && self.acked.is_none() {
+                tracing::info!(table = %table, since, "refusing writes until the coordinator's return check");
+            }
             self.acked = Some(ack);
         }
-        Ok((revision, pending))
+        Ok((revision, again))
     }
 }
 
-/// The error client writes get in `state`, if they are refused.
-fn fence_error(table: &str, state: TableState) -> Option<String> {
-    match state {
+/// Whether the table duplicates to another cluster (which could take its writes over).
+async fn has_remote_dups(meta: &MetaStore, table: &str) -> anyhow::Result<bool> {
+    Ok(meta
+        .list_dups(table)
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .iter()
+        .any(|(_, d)| d.status != DupStatus::Removed))
+}
+
+/// Per partition of source cluster `cluster_id`, the last decree every partition of this node
+/// applied from it, with that write's time. A partition with an inbox for a source it has not
+/// applied from yet counts as having applied nothing.
+fn applied_from(node: &Node, cluster_id: u8) -> anyhow::Result<Vec<SourceApplied>> {
+    let mut per: std::collections::BTreeMap<u32, SourceApplied> = Default::default();
+    let partitions = node.table.partitions();
+    let mut seen: Vec<Vec<u32>> = Vec::with_capacity(partitions.len());
+    for partition in partitions {
+        let mut mine = Vec::new();
+        for (source, progress) in partition.dup_sources()? {
+            if source.cluster.get() != cluster_id {
+                continue;
+            }
+            let sp = source.partition.0;
+            mine.push(sp);
+            let row = SourceApplied {
+                partition: sp,
+                decree: progress.decree,
+                timestamp_us: progress.timestamp_us,
+            };
+            per.entry(sp)
+                .and_modify(|r| {
+                    if row.decree < r.decree {
+                        *r = row
+                    }
+                })
+                .or_insert(row);
+        }
+        seen.push(mine);
+    }
+    // A partition without progress for a source partition the others applied from.
+    for (partition, mine) in partitions.iter().zip(&seen) {
+        for sp in per.keys().copied().collect::<Vec<_>>() {
+            let source = ferry_proto::Source {
+                cluster: ferry_proto::ClusterId::new(cluster_id)
+                    .ok_or_else(|| anyhow!("cluster id {cluster_id} is not valid"))?,
+                partition: PartitionId(sp),
+            };
+            let has_inbox = ferry_log::inbox::inbox_dir(partition.dir(), source).exists();
+            if !mine.contains(&sp) && has_inbox {
+                per.insert(
+                    sp,
+                    SourceApplied {
+                        partition: sp,
+                        decree: Decree(0),
+                        timestamp_us: 0,
+                    },
+                );
+            }
+        }
+    }
+    Ok(per.into_values().collect())
+}
+
+/// The error client writes get in the table's state, if they are refused.
+fn fence_error(table: &str, info: &TableInfo) -> Option<String> {
+    match info.state {
         TableState::ReadOnly => Some(format!(
             "TRYAGAIN table `{table}` is read-only (fenced, e.g. during failover); retry in a few seconds"
         )),
-        TableState::Demoted => Some(format!(
-            "TRYAGAIN table `{table}` is demoted: another cluster serves its writes now; write there, or retry after failback"
-        )),
+        TableState::Demoted => Some(match &info.serves_on {
+            Some(c) => format!(
+                "TRYAGAIN table `{table}` is demoted: cluster {c} serves its writes now; write there, or retry after failback"
+            ),
+            None => format!(
+                "TRYAGAIN table `{table}` is demoted: another cluster serves its writes now; write there, or retry after failback"
+            ),
+        }),
         TableState::Available | TableState::Creating => None,
     }
 }
@@ -282,9 +413,9 @@ pub async fn watch_table(
     let mut warned = false;
     loop {
         let next = match watch.round(&meta, &node).await {
-            Ok((revision, pending)) => {
+            Ok(next) => {
                 warned = false;
-                Some((revision, pending))
+                Some(next)
             }
             Err(e) => {
                 if !warned {
@@ -296,8 +427,9 @@ pub async fn watch_table(
         };
         let wait = async {
             match next {
-                Some((_, true)) => tokio::time::sleep(CATCH_UP_POLL).await,
-                Some((revision, false)) => {
+                Some((_, Again::CatchUp)) => tokio::time::sleep(CATCH_UP_POLL).await,
+                Some((_, Again::Check)) => tokio::time::sleep(CHECK_POLL).await,
+                Some((revision, Again::OnChange)) => {
                     if tokio::time::timeout(RECHECK, meta.wait_changed(&key, revision)).await
                         == Ok(false)
                     {
@@ -316,6 +448,8 @@ pub async fn watch_table(
 
 /// How often an unmet catch-up order is looked at again.
 const CATCH_UP_POLL: Duration = Duration::from_millis(20);
+/// How often a node waiting for the return check looks for it.
+const CHECK_POLL: Duration = Duration::from_millis(100);
 /// Longest wait for a change of the table key before reading it again.
 const RECHECK: Duration = Duration::from_secs(5);
 

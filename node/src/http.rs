@@ -78,27 +78,9 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-/// `/digest`'s body: what two clusters compare to prove they hold the same table.
-#[derive(Debug, Serialize)]
-pub struct TableDigest {
-    pub table: String,
-    /// Stored entries (tombstones included) in all partitions.
-    pub entries: u64,
-    /// Order-independent hash of every entry (key, timetag, expiry, value), summed over the
-    /// partitions: equal across clusters whatever their partition counts.
-    pub content_hash: String,
-    pub partitions: Vec<PartitionDigest>,
-}
-
-/// One partition in [`TableDigest`].
-#[derive(Debug, Serialize)]
-pub struct PartitionDigest {
-    pub partition: u32,
-    pub entries: u64,
-    /// FNV-1a over every entry in key order (`Partition::digest`).
-    pub digest: String,
-    pub committed_decree: u64,
-}
+/// `/digest`'s body: what two clusters compare to prove they hold the same table (see
+/// [`TableDigest`]).
+pub use ferry_admin::api::{PartitionDigest, TableDigest};
 
 async fn digest(State(s): State<HttpState>) -> axum::response::Response {
     let Some(node) = s.node.get().cloned() else {
@@ -114,19 +96,55 @@ async fn digest(State(s): State<HttpState>) -> axum::response::Response {
             entries: 0,
             content_hash: String::new(),
             partitions: Vec::new(),
+            applied: Vec::new(),
         };
         let mut sum = 0u64;
+        let mut applied: std::collections::BTreeMap<(u8, u32), u64> = Default::default();
         for p in node.table.partitions() {
+            // The duplicated writes applied count as much as the clients': the progress before
+            // and after the scan must agree too.
+            let progress = |p: &ferry_engine::partition::Partition| {
+                p.dup_sources().map(|v| {
+                    v.into_iter()
+                        .map(|(s, pr)| ((s.cluster.get(), s.partition.0), pr.decree.0))
+                        .collect::<Vec<_>>()
+                })
+            };
+            let before = (
+                p.committed_decree(),
+                progress(p).map_err(|e| e.to_string())?,
+            );
             let d = p.digests().map_err(|e| e.to_string())?;
+            let after = (
+                p.committed_decree(),
+                progress(p).map_err(|e| e.to_string())?,
+            );
             sum = sum.wrapping_add(d.unordered);
             out.entries += d.entries;
+            for (source, decree) in &after.1 {
+                applied
+                    .entry(*source)
+                    .and_modify(|a| *a = (*a).min(*decree))
+                    .or_insert(*decree);
+            }
             out.partitions.push(PartitionDigest {
                 partition: p.id().0,
                 entries: d.entries,
                 digest: format!("{:016x}", d.ordered),
-                committed_decree: p.committed_decree().0,
+                committed_decree: after.0 .0,
+                stable: before == after,
             });
         }
+        out.applied = applied
+            .into_iter()
+            .map(
+                |((cluster_id, partition), decree)| ferry_admin::api::AppliedDecree {
+                    cluster_id,
+                    partition,
+                    decree,
+                },
+            )
+            .collect();
         out.content_hash = format!("{sum:016x}");
         Ok(out)
     })

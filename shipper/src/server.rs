@@ -538,6 +538,7 @@ mod tests {
                 create_timestamp_ms: 1,
                 follower: None,
                 catch_up: None,
+                serves_on: None,
                 extra: Map::new(),
             },
             partitions: vec![PartitionId(1), PartitionId(3)],

@@ -77,12 +77,23 @@ fn planned_failover_and_failback_under_load_lose_nothing() -> Result<()> {
     )?;
     std::thread::sleep(Duration::from_secs(2));
 
-    // bj -> tj, adding the dup back.
+    // bj -> tj, adding the dup back, and checking tj's content before it takes over.
     let t = Instant::now();
-    let out =
-        w.bj.ferry_ok(&["failover", "-t", TABLE, "--to", "tj", "--reverse"])?;
+    let out = w.bj.ferry_ok(&[
+        "failover",
+        "-t",
+        TABLE,
+        "--to",
+        "tj",
+        "--reverse",
+        "--verify",
+    ])?;
     eprintln!("failover bj -> tj in {:?}:\n{out}", t.elapsed());
     ensure!(out.contains("step done"), "{out}");
+    ensure!(
+        out.contains("verified: tj's content equalled bj's"),
+        "{out}"
+    );
     let v = failover_view(&w.bj)?;
     ensure!(v["state"] == "demoted", "bj after the failover: {v}");
     ensure!(v["record"]["dupid"] == dupid, "{v}");
@@ -114,7 +125,7 @@ fn planned_failover_and_failback_under_load_lose_nothing() -> Result<()> {
     let refused: redis::RedisResult<()> = redis::cmd("SET").arg("x").arg("1").query(&mut bcon);
     let e = refused.expect_err("the demoted source refuses writes");
     ensure!(
-        e.code() == Some("TRYAGAIN") && e.to_string().contains("demoted"),
+        e.code() == Some("TRYAGAIN") && e.to_string().contains("cluster tj serves its writes"),
         "{e}"
     );
     // tj's writes ship back to bj through the dup the failover added.
@@ -179,10 +190,25 @@ fn a_failover_is_refused_while_the_target_takes_writes() -> Result<()> {
         e.to_string().contains("no duplication to cluster xx"),
         "{e}"
     );
+    // A forced failover is refused where it makes no sense, saying why.
     let e =
-        w.tj.ferry_ok(&["failover", "-t", TABLE, "--force"])
+        w.tj.ferry_ok(&["failover", "-t", TABLE, "--to", "tj", "--force"])
             .expect_err("refused");
-    ensure!(e.to_string().contains("not implemented"), "{e}");
+    ensure!(
+        e.to_string().contains("takes writes on cluster tj already"),
+        "{e}"
+    );
+    let e =
+        w.tj.ferry_ok(&["failover", "-t", TABLE, "--to", "bj", "--force"])
+            .expect_err("refused");
+    ensure!(e.to_string().contains("this is cluster tj, not bj"), "{e}");
+    let e =
+        w.bj.ferry_ok(&["failover", "-t", TABLE, "--recover"])
+            .expect_err("refused");
+    ensure!(
+        e.to_string().contains("never took part in a failover"),
+        "{e}"
+    );
     // Nothing was fenced.
     wait_writable(&w.bj, Duration::from_secs(1))?;
     Ok(())

@@ -134,6 +134,10 @@ async fn lead_while_lease_lives(
             tracing::warn!(error = %e, "stepping down");
             Err(e)
         }
+        e = super::forced::check_returns(shared.clone(), fenced.clone()) => {
+            tracing::warn!(error = %e, "stepping down");
+            Err(e)
+        }
         e = leader_duties(shared, &fenced) => {
             tracing::warn!(error = %e, "stepping down");
             Err(e)

@@ -128,6 +128,10 @@ pub async fn start(
         now,
         now + req.timeout_ms,
     );
+    let record = FailoverRecord {
+        verify: req.verify,
+        ..record
+    };
     let record = meta.begin_failover(table, record).await?;
     shared.failover_wake.notify_one();
     tracing::info!(%table, failover = record.id, to = %req.to, %dupid, reverse = req.reverse,
@@ -190,6 +194,8 @@ pub async fn take_over(
     );
     record.last_decrees = req.decrees.clone();
     record.source_cluster_id = req.source_cluster_id;
+    record.verify = req.verify.is_some();
+    record.source_digest = req.verify.clone();
     let record = meta.begin_failover(table, record).await?;
     shared.failover_wake.notify_one();
     meta.set_table_order(
@@ -260,7 +266,7 @@ pub async fn abort(
 }
 
 /// Removes the table's catch-up order of failover `id`, keeping its state.
-async fn clear_order(meta: &MetaStore, table: &str, id: u64) -> Result<(), MetaError> {
+pub(super) async fn clear_order(meta: &MetaStore, table: &str, id: u64) -> Result<(), MetaError> {
     let info = meta.table(table).await?;
     if info.catch_up.as_ref().is_some_and(|c| c.failover == id) {
         meta.set_table_order(table, info.state, None).await?;
@@ -321,10 +327,10 @@ fn decree_of(ack: &StateAck, p: PartitionId) -> Option<Decree> {
 }
 
 /// One partition of this side's table: its node, and that node's last answer to the table state.
-struct PartitionAck {
-    partition: PartitionId,
-    node: Option<String>,
-    ack: Option<StateAck>,
+pub(super) struct PartitionAck {
+    pub partition: PartitionId,
+    pub node: Option<String>,
+    pub ack: Option<StateAck>,
 }
 
 impl PartitionAck {
@@ -338,7 +344,7 @@ impl PartitionAck {
 }
 
 /// Every partition of `table` with its node's answer, in partition order, and the table.
-async fn partition_acks(
+pub(super) async fn partition_acks(
     meta: &MetaStore,
     table: &str,
 ) -> Result<(ferry_meta::TableInfo, Vec<PartitionAck>), MetaError> {
@@ -408,9 +414,15 @@ async fn round(shared: &Shared, meta: &MetaStore) -> Result<bool, MetaError> {
                 break;
             }
             let before = r.step;
-            match r.role {
-                Role::Source => source_step(shared, meta, &table, r.clone()).await?,
-                Role::Target => target_step(shared, meta, &table, r.clone()).await?,
+            match (r.role, r.step) {
+                (Role::Target, Step::Forcing) => {
+                    super::forced::forcing_step(shared, meta, &table, &r).await?
+                }
+                (Role::Source, Step::Recovering) => {
+                    super::forced::recovering_step(meta, &table, &r).await?
+                }
+                (Role::Source, _) => source_step(shared, meta, &table, r.clone()).await?,
+                (Role::Target, _) => target_step(shared, meta, &table, r.clone()).await?,
             }
             match meta.failover(&table).await? {
                 Some(next) if next.id == r.id && next.step != before && !next.step.is_final() => {
@@ -465,6 +477,29 @@ async fn source_step(
             }
         }
         Step::Draining | Step::HandingOver => {
+            if r.verify && r.source_digest.is_none() {
+                // Fenced, the table holds still: its content is what the target must hold.
+                let why = match super::verify::table_digest(shared, meta, table).await? {
+                    Ok(d) if d.partitions.iter().all(|p| p.stable) => {
+                        let digest = content(&d);
+                        meta.update_failover(table, r.id, |rec| {
+                            rec.source_digest = Some(digest.clone());
+                            Ok(())
+                        })
+                        .await?;
+                        tracing::info!(%table, failover = r.id, entries = d.entries, "failover: content digest taken for --verify");
+                        return Ok(());
+                    }
+                    Ok(_) => {
+                        "the table took duplicated writes while its digest was taken".to_string()
+                    }
+                    Err(why) => why,
+                };
+                if late {
+                    return fail(shared, meta, table, &r, format!("verifying: {why}")).await;
+                }
+                return Ok(());
+            }
             let client = remote(&shared.config, &r.remote);
             let mut answer = match &client {
                 Ok(c) => ask_take_over(shared, c, table, &r).await,
@@ -476,9 +511,13 @@ async fn source_step(
             let confirmed = confirmed_decrees(meta, table, &r).await?;
             let drained = confirmed.iter().zip(&r.last_decrees).all(|(c, l)| c >= l);
             match answer {
-                Ok(view) => match view.record.filter(|t| t.id == r.id).map(|t| t.step) {
+                Ok(view) => match view
+                    .record
+                    .filter(|t| t.id == r.id)
+                    .map(|t| (t.step, t.error))
+                {
                     // From `promoting` on the target takes over whatever happens: demote now.
-                    Some(Step::Promoting) | Some(Step::Done) => {
+                    Some((Step::Promoting, _)) | Some((Step::Done, _)) => {
                         // The target applied every last decree, so each is confirmed, whatever
                         // the shippers last wrote to etcd.
                         let applied: Vec<Decree> = confirmed
@@ -496,15 +535,16 @@ async fn source_step(
                         tracing::info!(%table, failover = r.id, remote = %r.remote, "failover: the target took over; demoting");
                         return Ok(());
                     }
-                    Some(Step::Aborted) => {
+                    Some((Step::Aborted, error)) => {
                         return fail(
                             shared,
                             meta,
                             table,
                             &r,
                             format!(
-                                "handing over: cluster {} called the take-over off",
-                                r.remote
+                                "handing over: cluster {} called the take-over off: {}",
+                                r.remote,
+                                error.as_deref().unwrap_or("no reason given")
                             ),
                         )
                         .await
@@ -585,8 +625,7 @@ async fn source_step(
             }
         }
         Step::Demoting => {
-            meta.set_table_order(table, TableState::Demoted, None)
-                .await?;
+            meta.demote_table(table, &r.remote).await?;
             // The dup back, as the target names it once done (best effort: if the target
             // cannot be asked, the failover ends without the name; the target's record has it).
             let mut reverse_dupid = r.reverse_dupid;
@@ -636,6 +675,7 @@ async fn ask_take_over(
         decrees: r.last_decrees.clone(),
         reverse: r.reverse,
         deadline_ms: r.deadline_ms,
+        verify: r.source_digest.clone(),
     };
     // The take-over is idempotent: asking again answers the target's view of it, so each
     // round costs one round trip.
@@ -669,7 +709,7 @@ fn lagging(r: &FailoverRecord, confirmed: &[Decree], target: &[FailoverPartition
 
 /// Each partition's last decree once every hosting node answered the fence at `revision` or
 /// later; `Err(why)` naming the first partition not confirmed yet.
-async fn fenced_decrees(
+pub(super) async fn fenced_decrees(
     meta: &MetaStore,
     table: &str,
     revision: i64,
@@ -694,7 +734,7 @@ async fn fenced_decrees(
 }
 
 /// The dup's confirmed decree of each partition, from etcd.
-async fn confirmed_decrees(
+pub(super) async fn confirmed_decrees(
     meta: &MetaStore,
     table: &str,
     r: &FailoverRecord,
@@ -767,6 +807,42 @@ async fn target_step(
             if !all {
                 return Ok(());
             }
+            if let Some(want) = &r.source_digest {
+                // Caught up, the table holds exactly the source's last decrees: compare.
+                let Ok(d) = super::verify::table_digest(shared, meta, table).await? else {
+                    return Ok(());
+                };
+                let exact = r.last_decrees.iter().enumerate().all(|(p, l)| {
+                    d.applied.iter().any(|a| {
+                        a.cluster_id == r.source_cluster_id
+                            && a.partition as usize == p
+                            && a.decree == l.0
+                    })
+                });
+                if !exact || d.partitions.iter().any(|p| !p.stable) {
+                    return Ok(());
+                }
+                if let Some(why) = want.differs(&content(&d)) {
+                    let why = format!("verify: {why}");
+                    tracing::warn!(%table, failover = r.id, error = %why, "not taking over: the content differs from the source's");
+                    meta.update_failover(table, r.id, |rec| {
+                        if rec.step != Step::CatchingUp {
+                            return Err(MetaError::Conflict(format!(
+                                "the take-over is {}",
+                                rec.step
+                            )));
+                        }
+                        rec.step = Step::Aborted;
+                        rec.finished_at_ms = Some(now_ms());
+                        rec.error = Some(why.clone());
+                        Ok(())
+                    })
+                    .await?;
+                    clear_order(meta, table, r.id).await?;
+                    return Ok(());
+                }
+                tracing::info!(%table, failover = r.id, entries = d.entries, "verify: the content equals the source's");
+            }
             // From here the take-over happens: an abort is refused.
             let promoted = meta
                 .update_failover(table, r.id, |r| {
@@ -829,6 +905,19 @@ async fn target_step(
         _ => {}
     }
     Ok(())
+}
+
+/// A digest as a failover record keeps it.
+fn content(d: &ferry_admin::api::TableDigest) -> ferry_meta::failover::ContentDigest {
+    ferry_meta::failover::ContentDigest {
+        entries: d.entries,
+        content_hash: d.content_hash.clone(),
+        partitions: d
+            .partitions
+            .iter()
+            .map(|p| (p.entries, p.digest.clone()))
+            .collect(),
+    }
 }
 
 /// The duplication policy of this cluster's config.

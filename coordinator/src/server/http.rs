@@ -22,10 +22,12 @@ use ferry_proto::DupId;
 use super::{election, Shared};
 use ferry_admin::api::{
     AbortFailover, AddDup, CoordinatorView, CopyPartition, CopyView, CreateTable, DupView,
-    ErrorBody, FailoverView, FollowTable, HealthView, InstallComplete, PartitionReceiver,
-    PegasusAppDuplication, PegasusDup, RebootstrapView, SetFailMode, SetRate, SetTableState,
-    StartFailover, StatusView, TableDetail, TableReceivers, TableView, TakeOver,
+    ErrorBody, FailoverView, FollowTable, ForceFailover, HealthView, InstallComplete,
+    PartitionReceiver, PegasusAppDuplication, PegasusDup, RebootstrapView, RecoverFailover,
+    SetFailMode, SetRate, SetTableState, StartFailover, StatusView, TableDetail, TableDigest,
+    TableReceivers, TableView, TakeOver, Verify, VerifyView,
 };
+use ferry_meta::failover::Role;
 use ferry_meta::status::{DupEvent, DupStatus, FailMode};
 use ferry_meta::{list_nodes, now_ms, DupInfo, DupMode, MetaError, MetaStore, TableState};
 
@@ -83,6 +85,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/v1/tables/{table}/failover/take_over", post(take_over))
         .route("/v1/tables/{table}/failover/abort", post(abort_failover))
+        .route("/v1/tables/{table}/failover/force", post(force_failover))
+        .route("/v1/tables/{table}/digest", get(table_digest))
+        .route("/v1/tables/{table}/verify", post(verify_table))
+        .route(
+            "/v1/tables/{table}/failover/recover",
+            post(recover_failover),
+        )
         .route("/meta/app/duplication", get(pegasus_app_duplication))
         .layer(middleware::from_fn_with_state(shared.clone(), leader_only));
     Router::new()
@@ -511,7 +520,24 @@ async fn set_table_state(
             ),
         ));
     }
+    let last = meta.failover(&table).await?;
+    if let Some(r) = last.filter(|r| r.forced && r.role == Role::Source) {
+        if state == TableState::Available {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "cluster {} took table {table}'s writes over by a forced failover; making it available here too would have both clusters take writes. Fail back with a planned failover from {}, or take it back by force (`ferry failover -t {table} --to {} --force`) if {} is gone",
+                    r.remote, r.remote, shared.config.cluster.name, r.remote
+                ),
+            ));
+        }
+    }
     let info = meta.set_table_state(&table, state).await?;
+    if state == TableState::Available {
+        // The operator's word clears nodes waiting for the return check (a remote gone for
+        // good cannot answer it).
+        meta.put_checked(&table, "operator").await?;
+    }
     tracing::info!(%table, %state, "table state");
     Ok(Json(TableView { name: table, info }))
 }
@@ -556,6 +582,51 @@ async fn abort_failover(
     let meta = leader(&shared)?;
     Ok(Json(
         super::failover::abort(&shared, &meta, &table, &req).await?,
+    ))
+}
+
+async fn force_failover(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<ForceFailover>,
+) -> ApiResult<FailoverView> {
+    let meta = leader(&shared)?;
+    Ok(Json(
+        super::forced::force(&shared, &meta, &table, &req).await?,
+    ))
+}
+
+async fn table_digest(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+) -> ApiResult<TableDigest> {
+    let meta = leader(&shared)?;
+    Ok(Json(
+        super::verify::table_digest(&shared, &meta, &table)
+            .await?
+            .map_err(|m| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m))?,
+    ))
+}
+
+async fn verify_table(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<Verify>,
+) -> ApiResult<VerifyView> {
+    let meta = leader(&shared)?;
+    Ok(Json(
+        super::verify::verify(&shared, &meta, &table, &req).await?,
+    ))
+}
+
+async fn recover_failover(
+    State(shared): State<Arc<Shared>>,
+    Path(table): Path<String>,
+    Json(req): Json<RecoverFailover>,
+) -> ApiResult<FailoverView> {
+    let meta = leader(&shared)?;
+    Ok(Json(
+        super::forced::recover(&shared, &meta, &table, &req).await?,
     ))
 }
 

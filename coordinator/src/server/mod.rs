@@ -11,9 +11,11 @@
 
 pub mod election;
 pub mod failover;
+pub mod forced;
 pub mod full;
 pub mod http;
 pub mod metrics;
+pub mod verify;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

@@ -201,6 +201,9 @@ pub struct StartFailover {
     /// Add the dup back (target → this cluster) from the hand-over, for failback.
     #[serde(default)]
     pub reverse: bool,
+    /// The target takes over only if its content equals this side's at the fence.
+    #[serde(default)]
+    pub verify: bool,
     /// How long the whole failover may take before it is rolled back, in ms.
     pub timeout_ms: u64,
 }
@@ -221,6 +224,111 @@ pub struct TakeOver {
     #[serde(default)]
     pub reverse: bool,
     pub deadline_ms: u64,
+    /// `--verify`: the source's content at the fence; the target takes over only if its own
+    /// equals it once caught up.
+    #[serde(default)]
+    pub verify: Option<ferry_meta::failover::ContentDigest>,
+}
+
+/// `POST /v1/tables/{table}/failover/force`, on the target: take the writes over now, without
+/// the source (unplanned failover).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForceFailover {
+    /// This cluster's name, as the operator typed it (`--to`): a check that the command runs on
+    /// the cluster that takes over.
+    pub to: String,
+    /// The source cluster whose writes the table received; needed only when the duplication
+    /// group has more than one other cluster and no failover names it.
+    #[serde(default)]
+    pub from: Option<String>,
+    /// How long to wait for every node's report of what it applied, in ms.
+    pub timeout_ms: u64,
+}
+
+/// `POST /v1/tables/{table}/failover/recover`, on the old source of a forced failover: ship the
+/// writes the new primary never got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecoverFailover {
+    /// How long the shipping may take, in ms.
+    pub timeout_ms: u64,
+}
+
+/// A table's content digest: `GET /digest` on a node (its partitions), and
+/// `GET /v1/tables/{table}/digest` on a coordinator (every partition, from the node hosting it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TableDigest {
+    pub table: String,
+    /// Stored entries (tombstones included) in all partitions.
+    pub entries: u64,
+    /// Order-independent hash of every entry (key, timetag, expiry, value), summed over the
+    /// partitions: equal across clusters whatever their partition counts.
+    pub content_hash: String,
+    pub partitions: Vec<PartitionDigest>,
+    /// Per partition of each source cluster the table applies from: the last decree every
+    /// partition applied, when the digest was taken.
+    #[serde(default)]
+    pub applied: Vec<AppliedDecree>,
+}
+
+/// One partition in [`TableDigest`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionDigest {
+    pub partition: u32,
+    pub entries: u64,
+    /// FNV-1a over every entry in key order.
+    pub digest: String,
+    pub committed_decree: u64,
+    /// Whether no write committed while the digest was computed (the digest is the content at
+    /// `committed_decree`).
+    #[serde(default)]
+    pub stable: bool,
+}
+
+/// One source partition in [`TableDigest::applied`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedDecree {
+    pub cluster_id: u8,
+    pub partition: u32,
+    pub decree: u64,
+}
+
+/// `POST /v1/tables/{table}/verify`: compare the table with its copy on cluster `to`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verify {
+    pub to: String,
+    /// How long to look for a consistent point, in ms.
+    pub timeout_ms: u64,
+}
+
+/// What `ferry verify` found.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyView {
+    pub table: String,
+    pub remote: String,
+    pub remote_table: String,
+    /// Whether both sides hold the same entries.
+    pub equal: bool,
+    /// The source's decree of each partition at the point compared (the target had applied
+    /// exactly these).
+    pub decrees: Vec<u64>,
+    pub source_entries: u64,
+    pub target_entries: u64,
+    /// Per partition when both tables have the same partition count (otherwise only the
+    /// totals and the order-independent hashes are compared).
+    pub partitions: Vec<VerifyPartition>,
+    /// How many consistent points were tried (the source took writes meanwhile).
+    pub attempts: u32,
+}
+
+/// One partition in [`VerifyView`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyPartition {
+    pub partition: u32,
+    pub source_entries: u64,
+    pub target_entries: u64,
+    pub source_digest: String,
+    pub target_digest: String,
+    pub equal: bool,
 }
 
 /// `POST /v1/tables/{table}/failover/abort` (coordinator to coordinator).

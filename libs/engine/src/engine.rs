@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::{Decree, Source, StoredValue};
+use ferry_proto::{Decree, PartitionId, Source, StoredValue};
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{DBPinnableSlice, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 
@@ -21,6 +21,25 @@ pub(crate) const DATA: u8 = b'd';
 const META_APPLIED: &[u8] = b"mapplied_decree";
 const META_CLOCK: &[u8] = b"mclock_us";
 const META_DUP_PREFIX: &[u8] = b"mdup/";
+
+/// How far a partition applied one source partition: the last decree, and the hybrid-clock
+/// timestamp of that write (µs since the Unix epoch; 0 if unknown, e.g. after a checkpoint's
+/// install). A forced failover reports it as the start of the window of writes that may be lost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SourceProgress {
+    pub decree: Decree,
+    pub timestamp_us: u64,
+}
+
+impl SourceProgress {
+    /// Up to `decree`, timestamp unknown.
+    pub fn at(decree: Decree) -> SourceProgress {
+        SourceProgress {
+            decree,
+            timestamp_us: 0,
+        }
+    }
+}
 
 /// A user key and its stored value bytes.
 pub type KeyValue = (Box<[u8]>, Box<[u8]>);
@@ -85,7 +104,77 @@ impl Engine {
 
     /// The last source decree applied from `source`.
     pub fn dup_progress(&self, source: Source) -> Result<Decree, StoreError> {
-        Ok(Decree(self.meta_u64(&dup_key(source))?.unwrap_or(0)))
+        Ok(self.dup_progress_at(source)?.decree)
+    }
+
+    /// The last source decree applied from `source`, and the timestamp of that write.
+    pub fn dup_progress_at(&self, source: Source) -> Result<SourceProgress, StoreError> {
+        let key = dup_key(source);
+        let Some(v) = self
+            .db
+            .get_pinned(&key)
+            .map_err(|e| StoreError::rocks("get meta", &self.dir, e))?
+        else {
+            return Ok(SourceProgress::default());
+        };
+        let word = |i: usize| -> u64 {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        match v.len() {
+            // Written before the timestamp was kept.
+            8 => Ok(SourceProgress {
+                decree: Decree(word(0)),
+                timestamp_us: 0,
+            }),
+            16 => Ok(SourceProgress {
+                decree: Decree(word(0)),
+                timestamp_us: word(1),
+            }),
+            n => Err(StoreError::Inconsistent {
+                dir: self.dir.clone(),
+                reason: format!(
+                    "dup progress key {} has {n} bytes, expected 8 or 16",
+                    String::from_utf8_lossy(&key)
+                ),
+            }),
+        }
+    }
+
+    /// Every source this database applied from, with its progress, in key order.
+    pub fn dup_sources(&self) -> Result<Vec<(Source, SourceProgress)>, StoreError> {
+        let mut out = Vec::new();
+        let iter = self
+            .db
+            .iterator(IteratorMode::From(META_DUP_PREFIX, Direction::Forward));
+        for item in iter {
+            let (key, _) =
+                item.map_err(|e| StoreError::rocks("scan dup progress", &self.dir, e))?;
+            let Some(rest) = key.strip_prefix(META_DUP_PREFIX) else {
+                break;
+            };
+            let parsed = match rest {
+                [c, p @ ..] if p.len() == 4 => {
+                    ferry_proto::ClusterId::new(*c).map(|cluster| Source {
+                        cluster,
+                        partition: PartitionId(u32::from_be_bytes([p[0], p[1], p[2], p[3]])),
+                    })
+                }
+                _ => None,
+            };
+            let Some(source) = parsed else {
+                return Err(StoreError::Inconsistent {
+                    dir: self.dir.clone(),
+                    reason: format!(
+                        "dup progress key {} is not a source (cluster id, partition)",
+                        String::from_utf8_lossy(&key)
+                    ),
+                });
+            };
+            out.push((source, self.dup_progress_at(source)?));
+        }
+        Ok(out)
     }
 
     /// Deletes every duplication progress key (`mdup/...`): a database opened from another
@@ -238,8 +327,11 @@ impl Batch {
         self.0.put(META_CLOCK, clock_us.to_be_bytes());
     }
 
-    pub fn set_dup_progress(&mut self, source: Source, decree: Decree) {
-        self.0.put(dup_key(source), decree.0.to_be_bytes());
+    pub fn set_dup_progress(&mut self, source: Source, progress: SourceProgress) {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&progress.decree.0.to_be_bytes());
+        v[8..].copy_from_slice(&progress.timestamp_us.to_be_bytes());
+        self.0.put(dup_key(source), v);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -330,5 +422,46 @@ mod tests {
             purge_decision(META_APPLIED, &old_del.encode(), now, hour_us),
             Decision::Keep
         ));
+    }
+
+    #[test]
+    fn dup_progress_keeps_the_timestamp_and_reads_the_older_8_byte_form() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Engine::open(dir.path(), Duration::from_secs(3600)).expect("open");
+        let a = Source {
+            cluster: cid(),
+            partition: PartitionId(3),
+        };
+        let b = Source {
+            cluster: ClusterId::new(2).expect("valid id"),
+            partition: PartitionId(0),
+        };
+        let mut batch = Batch::default();
+        batch.set_dup_progress(
+            a,
+            SourceProgress {
+                decree: Decree(42),
+                timestamp_us: 1_700_000_000_000_000,
+            },
+        );
+        // As versions before the timestamp wrote it.
+        batch.0.put(dup_key(b), 7u64.to_be_bytes());
+        engine.write(batch).expect("write");
+        assert_eq!(
+            engine.dup_progress_at(a).expect("read"),
+            SourceProgress {
+                decree: Decree(42),
+                timestamp_us: 1_700_000_000_000_000
+            }
+        );
+        assert_eq!(engine.dup_progress(b).expect("read"), Decree(7));
+        assert_eq!(engine.dup_progress_at(b).expect("read").timestamp_us, 0);
+        let sources: Vec<Source> = engine
+            .dup_sources()
+            .expect("scan")
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(sources, vec![a, b]);
     }
 }

@@ -28,7 +28,7 @@ use ferry_proto::checkpoint::DB_DIR;
 use ferry_proto::{partition_of, Decree, PartitionId, Source, StoredValue};
 use rocksdb::{IteratorMode, Options, SstFileWriter, DB};
 
-use crate::engine::{Batch, Engine, DATA};
+use crate::engine::{Batch, Engine, SourceProgress, DATA};
 use crate::error::StoreError;
 
 /// The file that marks a partition directory as installed.
@@ -125,7 +125,7 @@ fn open_directly(
     engine.forget_dup_progress()?;
     let mut meta = Batch::default();
     for cp in sources {
-        meta.set_dup_progress(cp.source, cp.decree);
+        meta.set_dup_progress(cp.source, SourceProgress::at(cp.decree));
     }
     // Its own plog is empty: nothing of it is applied yet.
     meta.set_applied(Decree(0), engine.clock_us()?);
@@ -167,7 +167,7 @@ fn re_split(
             engine.ingest(&sst)?;
         }
         remove_file(&sst)?;
-        progress.set_dup_progress(cp.source, cp.decree);
+        progress.set_dup_progress(cp.source, SourceProgress::at(cp.decree));
     }
     progress.set_clock(clock_us);
     engine.write(progress)?;

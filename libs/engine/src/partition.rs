@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::checkpoint;
 use crate::clock::{self, HybridClock};
-use crate::engine::{Batch, Engine};
+use crate::engine::{Batch, Engine, SourceProgress};
 use crate::error::StoreError;
 
 /// Tuning of one partition. The defaults suit a node with a few partitions on one SSD.
@@ -394,6 +394,16 @@ impl Partition {
         self.engine.dup_progress(source)
     }
 
+    /// Every source this partition applied from, with its progress.
+    pub fn dup_sources(&self) -> Result<Vec<(Source, SourceProgress)>, StoreError> {
+        self.engine.dup_sources()
+    }
+
+    /// The last source decree applied from `source`, with that write's timestamp.
+    pub fn dup_progress_at(&self, source: Source) -> Result<SourceProgress, StoreError> {
+        self.engine.dup_progress_at(source)
+    }
+
     /// Makes a checkpoint in `dir` (which must not exist) at the current committed decree, with a
     /// manifest of every file's name, size and CRC-32C.
     /// Runs on the blocking pool, beside the writer thread, so client writes go on meanwhile.
@@ -582,7 +592,7 @@ struct Writer {
     poisoned: Option<String>,
     /// Set while fenced: client writes are refused with it.
     fenced: Option<String>,
-    dup_progress: HashMap<Source, Decree>,
+    dup_progress: HashMap<Source, SourceProgress>,
 }
 
 impl Writer {
@@ -907,13 +917,13 @@ impl Writer {
         }
         let mut progress = match self.dup_progress.get(&source) {
             Some(d) => *d,
-            None => self.engine.dup_progress(source)?,
+            None => self.engine.dup_progress_at(source)?,
         };
         let mut report = ApplyReport::default();
         let mut newest: HashMap<Vec<u8>, Timetag> = HashMap::new();
         let mut batch = Batch::default();
         for rec in &records {
-            if rec.decree <= progress {
+            if rec.decree <= progress.decree {
                 report.skipped_records += 1;
                 continue;
             }
@@ -931,10 +941,13 @@ impl Writer {
                 newest.insert(op.key().to_vec(), tag);
             }
             self.clock.observe(rec.timetag.timestamp_us());
-            progress = rec.decree;
+            progress = SourceProgress {
+                decree: rec.decree,
+                timestamp_us: rec.timetag.timestamp_us(),
+            };
             report.applied_records += 1;
         }
-        report.progress = progress;
+        report.progress = progress.decree;
         if report.applied_records > 0 {
             batch.set_dup_progress(source, progress);
             batch.set_clock(self.clock.last());
@@ -982,13 +995,13 @@ impl Writer {
         }
         let mut progress = match self.dup_progress.get(&source) {
             Some(d) => *d,
-            None => self.engine.dup_progress(source)?,
+            None => self.engine.dup_progress_at(source)?,
         };
-        if let Some(upto) = upto.filter(|u| *u > progress) {
-            progress = upto;
+        if let Some(upto) = upto.filter(|u| *u > progress.decree) {
+            progress = SourceProgress::at(upto);
             batch.set_dup_progress(source, progress);
         }
-        report.progress = progress;
+        report.progress = progress.decree;
         if !batch.is_empty() {
             batch.set_clock(self.clock.last());
             self.engine.write(batch)?;

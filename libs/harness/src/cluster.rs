@@ -112,7 +112,9 @@ impl ClusterNode {
         serde_json::from_str(&body).context("parse /health")
     }
 
-    /// Waits (bounded) until `/health` reports `stage`.
+    /// Waits (bounded) until `/health` reports `stage`; `serving` also waits for the return
+    /// check after a start (writes refused until the coordinator checked that no other cluster
+    /// took the table over).
     pub fn wait_stage(&mut self, stage: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         let mut last = String::from("(no answer)");
@@ -122,10 +124,17 @@ impl ClusterNode {
             }
             if let Ok(h) = self.health() {
                 let s = h["stage"].as_str().unwrap_or_default().to_string();
-                if s == stage {
+                let checking = h["writes_refused"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("return check"));
+                if s == stage && !(stage == "serving" && checking) {
                     return Ok(());
                 }
-                last = s;
+                last = if checking {
+                    format!("{s} (waiting for the return check)")
+                } else {
+                    s
+                };
             }
             std::thread::sleep(Duration::from_millis(50));
         }

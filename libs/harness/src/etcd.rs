@@ -263,6 +263,20 @@ impl Coordinator {
         })
     }
 
+    /// kill -9, then a start on the same address and config (its log goes on), without
+    /// waiting.
+    pub fn respawn(&mut self, etcd: &Etcd) -> Result<()> {
+        self.proc.kill9();
+        let id = self
+            .config
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "coordinator".into());
+        let cmd = etcd.place().command(bin_path("coordinator"));
+        self.proc = spawn_logged(&id, cmd, &self.config, &self.log)?;
+        Ok(())
+    }
+
     /// Starts a coordinator and waits until its `/health` reports at least `campaigning`.
     pub fn start(etcd: &Etcd, dir: &Path, id: &str, spec: &CoordinatorSpec) -> Result<Coordinator> {
         let mut c = Coordinator::spawn(etcd, dir, id, spec)?;

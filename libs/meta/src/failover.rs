@@ -8,6 +8,10 @@
 //! - `state_acks/<table>/<node>`: a node's [`StateAck`]: which revision of the table key it has
 //!   put in force (fenced or not), each partition's committed decree at that point (while fenced:
 //!   its last decree), and whether it met the table's [`CatchUp`] order.
+//! - `checked/<table>`: the leader's last [`Checked`] of a table that duplicates to other
+//!   clusters: none of them took its writes over by a forced failover. A node that starts
+//!   refuses writes to such a table until a check newer than its start (DESIGN.md, "Unplanned
+//!   failover": the old source learns it was demoted before it takes a write).
 
 use etcd_client::TxnOp;
 use ferry_proto::{Decree, DupId, PartitionId};
@@ -32,6 +36,10 @@ pub enum Role {
 /// A failover's step. The source goes `fencing → draining → handing_over → demoting → done`,
 /// or to `rolling_back → rolled_back` from any step before `demoting`; the target goes
 /// `catching_up → promoting → done`, or `aborted` before `promoting`.
+///
+/// A forced failover: the target goes `forcing → done`; the old source, once it learns of it,
+/// `demoting → done`, and with `--recover` `recovering → recovered` (or back to `done` with the
+/// error if it did not finish in time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
@@ -55,6 +63,13 @@ pub enum Step {
     RolledBack,
     /// Target: the source called the failover off before the target took over.
     Aborted,
+    /// Target, forced: the table takes writes; waiting for every node's report of what it
+    /// applied from the source.
+    Forcing,
+    /// Old source of a forced failover: shipping the writes the new primary never got.
+    Recovering,
+    /// Old source of a forced failover: every write the new primary missed was shipped to it.
+    Recovered,
     /// A step name this version does not know.
     #[serde(other)]
     Unknown,
@@ -73,6 +88,9 @@ impl Step {
             Step::RollingBack => "rolling_back",
             Step::RolledBack => "rolled_back",
             Step::Aborted => "aborted",
+            Step::Forcing => "forcing",
+            Step::Recovering => "recovering",
+            Step::Recovered => "recovered",
             Step::Unknown => "unknown",
         }
     }
@@ -81,7 +99,7 @@ impl Step {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            Step::Done | Step::RolledBack | Step::Aborted | Step::Unknown
+            Step::Done | Step::RolledBack | Step::Aborted | Step::Recovered | Step::Unknown
         )
     }
 }
@@ -136,6 +154,23 @@ pub struct FailoverRecord {
     /// The source cluster's id (target side: whose progress the nodes check).
     #[serde(default)]
     pub source_cluster_id: u8,
+    /// An unplanned failover (`--force` on the target): the source was not asked.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
+    /// Forced: per source partition, the last decree the target had applied when it took
+    /// over, and that write's time. Writes on the source after it may be missing on the target.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<SourceApplied>,
+    /// `--verify`: the target takes over only if its content equals the source's at the fence.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub verify: bool,
+    /// With `verify`: the source's content once fenced (the target compares its own with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_digest: Option<ContentDigest>,
+    /// Old source of a forced failover, after `--recover`: per partition, how many writes the
+    /// new primary had missed and was sent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recovered: Vec<u64>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -177,6 +212,11 @@ impl FailoverRecord {
             error: None,
             reverse_dupid: None,
             source_cluster_id: 0,
+            forced: false,
+            verify: false,
+            source_digest: None,
+            applied: Vec::new(),
+            recovered: Vec::new(),
             extra: Map::new(),
         }
     }
@@ -194,6 +234,58 @@ pub struct CatchUp {
     pub decrees: Vec<Decree>,
 }
 
+/// A table's content for a failover's `--verify`: its entries and order-independent hash, and
+/// each partition's entries and ordered digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentDigest {
+    pub entries: u64,
+    pub content_hash: String,
+    pub partitions: Vec<(u64, String)>,
+}
+
+impl ContentDigest {
+    /// Why `other` (this cluster's) differs from `self` (the source's), if it does.
+    pub fn differs(&self, other: &ContentDigest) -> Option<String> {
+        if self.partitions.len() == other.partitions.len() {
+            for (p, (a, b)) in self.partitions.iter().zip(&other.partitions).enumerate() {
+                if a != b {
+                    return Some(format!(
+                        "partition {p} differs: {} entries (digest {}) on the source, {} (digest {}) here",
+                        a.0, a.1, b.0, b.1
+                    ));
+                }
+            }
+        }
+        (self.entries != other.entries || self.content_hash != other.content_hash).then(|| {
+            format!(
+                "the table differs: {} entries (hash {}) on the source, {} (hash {}) here",
+                self.entries, self.content_hash, other.entries, other.content_hash
+            )
+        })
+    }
+}
+
+/// How far the target applied one source partition (see [`FailoverRecord::applied`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceApplied {
+    /// The source partition.
+    pub partition: u32,
+    /// The last decree of it applied by every target partition.
+    pub decree: Decree,
+    /// The hybrid-clock time of that write, µs since the Unix epoch (0: unknown, e.g. right
+    /// after a checkpoint was installed).
+    pub timestamp_us: u64,
+}
+
+/// `checked/<table>`: what the leader found when it last checked the table's remote clusters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checked {
+    pub at_ms: u64,
+    /// Who cleared the table: `leader <id>` after asking every remote, or `operator` (`ferry
+    /// table set-state T available`).
+    pub by: String,
+}
+
 /// `state_acks/<table>/<node>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StateAck {
@@ -207,6 +299,14 @@ pub struct StateAck {
     /// The failover whose catch-up order this node has met, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub caught_up: Option<u64>,
+    /// Under a catch-up order: per partition of its source cluster, the last decree every
+    /// partition of this node applied (see [`FailoverRecord::applied`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<SourceApplied>,
+    /// Set while the node refuses writes until a return check newer than this revision (its
+    /// start) is in `checked/<table>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unchecked_since: Option<i64>,
     pub at_ms: u64,
 }
 
@@ -272,6 +372,42 @@ impl MetaStore {
         Err(MetaError::Contended { key })
     }
 
+    /// Stores `record` whatever failover the table was in: a forced failover of the remote
+    /// side supersedes any of this side's.
+    pub async fn supersede_failover(
+        &self,
+        table: &str,
+        record: &FailoverRecord,
+    ) -> Result<(), MetaError> {
+        known_table(table)?;
+        let key = self.keys().failover(table);
+        self.cas(vec![], vec![TxnOp::put(key, encode(record), None)])
+            .await
+            .map(|_| ())
+    }
+
+    /// Records a return check of `table` (see [`Checked`]).
+    pub async fn put_checked(&self, table: &str, by: &str) -> Result<(), MetaError> {
+        known_table(table)?;
+        let key = self.keys().checked(table);
+        let value = Checked {
+            at_ms: crate::now_ms(),
+            by: by.to_owned(),
+        };
+        self.cas(vec![], vec![TxnOp::put(key, encode(&value), None)])
+            .await
+            .map(|_| ())
+    }
+
+    /// The table's last return check and the revision that wrote it.
+    pub async fn checked(&self, table: &str) -> Result<Option<(Checked, i64)>, MetaError> {
+        known_table(table)?;
+        match self.get(self.keys().checked(table)).await? {
+            Some(kv) => Ok(Some((decode(&kv)?, kv.mod_revision()))),
+            None => Ok(None),
+        }
+    }
+
     /// Read-modify-write of the table's failover record `id`; refused if another failover
     /// replaced it.
     pub async fn update_failover(
@@ -323,10 +459,23 @@ impl MetaStore {
             }
             t.state = state;
             t.catch_up = catch_up.clone();
+            t.serves_on = None;
             Ok(())
         })
         .await?;
         self.table_at(name).await
+    }
+
+    /// Demotes the table after a failover to cluster `serves_on` (clearing any catch-up order).
+    pub async fn demote_table(&self, name: &str, serves_on: &str) -> Result<(), MetaError> {
+        self.update_table(name, |t| {
+            t.state = TableState::Demoted;
+            t.catch_up = None;
+            t.serves_on = Some(serves_on.to_owned());
+            Ok(())
+        })
+        .await
+        .map(drop)
     }
 
     /// A node's answer to its table's state (see the module docs).
@@ -385,10 +534,12 @@ mod tests {
             Step::CatchingUp,
             Step::Promoting,
             Step::RollingBack,
+            Step::Forcing,
+            Step::Recovering,
         ] {
             assert!(!s.is_final(), "{s}");
         }
-        for s in [Step::Done, Step::RolledBack, Step::Aborted] {
+        for s in [Step::Done, Step::RolledBack, Step::Aborted, Step::Recovered] {
             assert!(s.is_final(), "{s}");
         }
     }

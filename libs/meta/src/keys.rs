@@ -128,6 +128,12 @@ impl Keys {
         format!("{}failover/{table}", self.root)
     }
 
+    /// The leader's last return check of a table: no other cluster took its writes over (see
+    /// [`crate::failover::Checked`]).
+    pub fn checked(&self, table: &str) -> String {
+        format!("{}checked/{table}", self.root)
+    }
+
     /// Prefix of the nodes' answers to a table's state.
     pub fn state_acks(&self, table: &str) -> String {
         format!("{}state_acks/{table}/", self.root)

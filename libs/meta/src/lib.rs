@@ -225,6 +225,13 @@ impl MetaStore {
         Ok(resp.take_kvs().into_iter().next())
     }
 
+    /// etcd's current revision: a key changed after this moment has a larger mod revision.
+    pub async fn revision(&self) -> Result<i64, MetaError> {
+        let mut kv = self.client.kv_client();
+        let resp = self.deadline(kv.get(self.keys.config(), None)).await?;
+        Ok(resp.header().map_or(0, |h| h.revision()))
+    }
+
     /// Every key under `prefix`, sorted by key.
     pub async fn get_prefix(&self, prefix: String) -> Result<Vec<KeyValue>, MetaError> {
         let mut kv = self.client.kv_client();

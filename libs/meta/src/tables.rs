@@ -276,6 +276,7 @@ impl MetaStore {
                 create_timestamp_ms: now_ms,
                 follower: follower.clone(),
                 catch_up: None,
+                serves_on: None,
                 extra: Map::new(),
             };
             let ok = self
@@ -482,7 +483,8 @@ impl MetaStore {
         .await
     }
 
-    /// Drops a table and its partition table. Refused while the table has duplications: remove
+    /// Drops a table, its partition table, its failover record and its nodes' state answers.
+    /// Refused while the table has duplications: remove
     /// them first, so that no shipper is left reading a table that is gone.
     pub async fn drop_table(&self, name: &str) -> Result<(), MetaError> {
         known_table(name)?;
@@ -512,6 +514,13 @@ impl MetaStore {
                         TxnOp::delete(table_key.clone(), None),
                         TxnOp::delete(
                             self.keys().partitions(name),
+                            Some(etcd_client::DeleteOptions::new().with_prefix()),
+                        ),
+                        // What failovers left: a table made again under this name starts fresh.
+                        TxnOp::delete(self.keys().failover(name), None),
+                        TxnOp::delete(self.keys().checked(name), None),
+                        TxnOp::delete(
+                            self.keys().state_acks(name),
                             Some(etcd_client::DeleteOptions::new().with_prefix()),
                         ),
                     ],

@@ -76,6 +76,10 @@ pub struct TableInfo {
     /// Set on a failover's target while it catches up (see [`crate::failover`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub catch_up: Option<crate::failover::CatchUp>,
+    /// Set on a table demoted by a failover: the cluster that takes its writes now (the nodes
+    /// name it in their refusal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serves_on: Option<String>,
     /// Fields this version does not know.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -346,6 +350,7 @@ mod tests {
             create_timestamp_ms: 5,
             follower: None,
             catch_up: None,
+            serves_on: None,
             extra: Map::new(),
         };
         assert_eq!(
