@@ -61,12 +61,7 @@ pub async fn start(
             info.state
         )));
     }
-    let Some((dupid, dup)) = meta
-        .list_dups(table)
-        .await?
-        .into_iter()
-        .find(|(_, d)| d.remote == req.to && d.status != DupStatus::Removed)
-    else {
+    let Some((dupid, dup)) = meta.live_dup_to(table, &req.to).await? else {
         return Err(conflict(format!(
             "table {table} has no duplication to cluster {}; add one (`ferry dup add -t {table} -c {}`) and let it reach DS_LOG first",
             req.to, req.to
@@ -874,11 +869,7 @@ async fn target_step(
                 else {
                     return Ok(());
                 };
-                let existing = meta
-                    .list_dups(table)
-                    .await?
-                    .into_iter()
-                    .find(|(_, d)| d.remote == r.remote && d.status != DupStatus::Removed);
+                let existing = meta.live_dup_to(table, &r.remote).await?;
                 let dupid = match existing {
                     Some((id, _)) => id,
                     None => {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use ferry_admin::api::{TableDigest, Verify, VerifyPartition, VerifyView};
-use ferry_meta::status::DupStatus;
 use ferry_meta::{list_nodes, MetaError, MetaStore, TableState};
 
 use super::failover::remote;
@@ -114,12 +113,7 @@ pub async fn verify(
     req: &Verify,
 ) -> Result<VerifyView, ApiError> {
     let conflict = |m: String| ApiError::new(StatusCode::CONFLICT, m);
-    let Some((dupid, dup)) = meta
-        .list_dups(table)
-        .await?
-        .into_iter()
-        .find(|(_, d)| d.remote == req.to && d.status != DupStatus::Removed)
-    else {
+    let Some((dupid, dup)) = meta.live_dup_to(table, &req.to).await? else {
         return Err(conflict(format!(
             "table {table} has no duplication to cluster {}; verify compares a dup's two tables",
             req.to

@@ -72,6 +72,19 @@ impl MetaStore {
         Ok(out)
     }
 
+    /// The table's dup to cluster `remote` that is not removed, if any.
+    pub async fn live_dup_to(
+        &self,
+        table: &str,
+        remote: &str,
+    ) -> Result<Option<(DupId, DupInfo)>, MetaError> {
+        Ok(self
+            .list_dups(table)
+            .await?
+            .into_iter()
+            .find(|(_, d)| d.remote == remote && d.status != DupStatus::Removed))
+    }
+
     /// Every dup of every table, for status and metrics.
     pub async fn all_dups(&self) -> Result<Vec<(String, DupId, DupInfo)>, MetaError> {
         let prefix = self.keys().all_dups();
