@@ -1,6 +1,6 @@
 //! The node's part in a cluster, when `etcd_endpoints` is set (see `docs/operations.md`).
 //!
-//! At start-up, in order: connect to etcd → compare this node's cluster config with the stored
+//! At start-up, in order (waiting while etcd is away): connect to etcd → compare this node's cluster config with the stored
 //! one (refuse to start, naming the field, if they differ; wait while no coordinator has stored
 //! one yet) → register under a lease → wait until the table exists and its partitions are placed
 //! on this node → for the target of a full duplication, install it from the source's checkpoints
@@ -64,10 +64,19 @@ pub async fn join(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Option<Member>> {
     let name = config.node_name();
+    // While etcd is away the node waits, as every other process does, and says so once.
     stage.set(Stage::ConnectingEtcd);
-    let meta = MetaStore::connect(&config.etcd_endpoints, &config.cluster, config.etcd_timeout)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let mut away = EtcdAway::default();
+    let meta = loop {
+        match MetaStore::connect(&config.etcd_endpoints, &config.cluster, config.etcd_timeout).await
+        {
+            Ok(meta) => break meta,
+            Err(e) => away.note(&e),
+        }
+        if sleep_or_stop(shutdown).await {
+            return Ok(None);
+        }
+    };
 
     stage.set(Stage::CheckingConfig);
     let ours = cluster_config(config);
@@ -81,6 +90,7 @@ pub async fn join(
                     said = true;
                 }
             }
+            Err(e @ MetaError::Unavailable { .. }) => away.note(&e),
             Err(e) => bail!("{e}"),
         }
         if sleep_or_stop(shutdown).await {
@@ -91,9 +101,17 @@ pub async fn join(
     stage.set(Stage::Registering);
     let mut info = NodeInfo::new(&name, &config.resp_addr.to_string());
     info.http_addr = Some(http_addr.to_string());
-    let registration = register_node(&meta, info, config.lease_ttl)
-        .await
-        .map_err(|e| anyhow!("{e}"))?;
+    let registration = loop {
+        match register_node(&meta, info.clone(), config.lease_ttl).await {
+            Ok(r) => break r,
+            Err(e @ MetaError::Unavailable { .. }) => away.note(&e),
+            Err(e) => bail!("{e}"),
+        }
+        if sleep_or_stop(shutdown).await {
+            return Ok(None);
+        }
+    };
+    away.back();
     tracing::info!(node = %name, lease_ttl_ms = config.lease_ttl.as_millis() as u64, "registered");
 
     'table: loop {
@@ -156,6 +174,25 @@ pub async fn join(
         name,
         registration,
     }))
+}
+
+/// Logs etcd being unreachable once, and its return.
+#[derive(Default)]
+struct EtcdAway(bool);
+
+impl EtcdAway {
+    fn note(&mut self, e: &MetaError) {
+        if !self.0 {
+            tracing::warn!(error = %e, "etcd is unreachable; waiting for it (the client port opens once the node joined)");
+            self.0 = true;
+        }
+    }
+
+    fn back(&self) {
+        if self.0 {
+            tracing::info!("etcd answers again; joined");
+        }
+    }
 }
 
 /// `true` if `shutdown` fired during the pause.

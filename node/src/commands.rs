@@ -92,6 +92,12 @@ pub static SPECS: &[Spec] = &[
     spec("command", -1, &["loading", "stale"], NOKEYS),
     spec("config", -2, &["admin", "loading", "stale"], NOKEYS),
     spec("client", -2, &["loading", "stale"], NOKEYS),
+    spec(
+        "hello",
+        -1,
+        &["noscript", "loading", "stale", "fast"],
+        NOKEYS,
+    ),
 ];
 
 /// The index in [`SPECS`] of a command name, any case.
@@ -149,6 +155,9 @@ pub enum Command {
     ClientOk,
     /// `CLIENT GETNAME`.
     ClientGetName,
+    /// `HELLO [2|3] [SETNAME name]`: the protocol the connection answers in from here (the
+    /// current one if not given). The connection carries it out ([`crate::resp`]).
+    Hello(Option<u8>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +208,8 @@ impl Command {
             Quit => Class::Quit,
             Ping(_) | Echo(_) | Select | CommandInfo(_) | ConfigGet(_) | ClientOk
             | ClientGetName => Class::Immediate,
+            // Like a read, after the earlier replies: the protocol changes between two of them.
+            Hello(_) => Class::Read,
         }
     }
 
@@ -233,12 +244,15 @@ pub enum CmdError {
     },
     /// A sentence saying what ferry does not support and what to do instead.
     Unsupported(String),
+    /// HELLO with a protocol version other than 2 and 3.
+    NoProto,
 }
 
 impl fmt::Display for CmdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CmdError::Empty => f.write_str("ERR empty command"),
+            CmdError::NoProto => f.write_str("NOPROTO unsupported protocol version"),
             CmdError::Unknown { name, args } => write!(
                 f,
                 "ERR unknown command '{name}', with args beginning with: {args}"
@@ -274,6 +288,29 @@ impl CmdError {
 /// Default and largest SCAN COUNT: the work of one SCAN call stays bounded.
 const SCAN_DEFAULT_COUNT: usize = 10;
 const SCAN_MAX_COUNT: usize = 100_000;
+
+/// HELLO's answer for protocol `proto` on connection `id`, as a flat list of field names and
+/// values (a map in RESP3: see [`crate::resp`]).
+pub fn hello(proto: u8, id: u64) -> Frame {
+    let s = |v: &str| Frame::BulkString(Bytes::copy_from_slice(v.as_bytes()));
+    Frame::Array(vec![
+        s("server"),
+        s("redis"),
+        s("version"),
+        // What INFO reports: the Redis version whose commands the node follows.
+        s("7.2.0"),
+        s("proto"),
+        Frame::Integer(proto.into()),
+        s("id"),
+        Frame::Integer(id as i64),
+        s("mode"),
+        s("standalone"),
+        s("role"),
+        s("master"),
+        s("modules"),
+        Frame::Array(Vec::new()),
+    ])
+}
 
 /// Parses a request (name and arguments). `now_ms` is the wall clock, for relative expiries.
 pub fn parse(args: &[Bytes], now_ms: u64) -> Result<Command, CmdError> {
@@ -408,6 +445,34 @@ pub fn parse(args: &[Bytes], now_ms: u64) -> Result<Command, CmdError> {
             } else {
                 return Err(subcommand("config", &sub));
             }
+        }
+        "hello" => {
+            let protover = match rest.first() {
+                None => None,
+                Some(v) => match parse_int(v) {
+                    Some(2) => Some(2),
+                    Some(3) => Some(3),
+                    Some(_) => return Err(CmdError::NoProto),
+                    None => {
+                        return Err(CmdError::Unsupported(
+                            "Protocol version is not an integer or out of range".into(),
+                        ))
+                    }
+                },
+            };
+            let mut opts = rest.iter().skip(1);
+            while let Some(opt) = opts.next() {
+                if opt.eq_ignore_ascii_case(b"setname") {
+                    opts.next().ok_or(CmdError::Syntax)?;
+                } else if opt.eq_ignore_ascii_case(b"auth") {
+                    return Err(CmdError::Unsupported(
+                        "HELLO AUTH: the node has no users or passwords yet; connect without AUTH (bind the client port to an address only your applications reach)".into(),
+                    ));
+                } else {
+                    return Err(CmdError::Syntax);
+                }
+            }
+            Command::Hello(protover)
         }
         "client" => {
             let sub = arg(0)?;
@@ -649,6 +714,7 @@ pub fn execute(node: &Node, cmd: Command) -> Frame {
         Command::Info(sections) => Frame::BulkString(info(node, &sections).into()),
         Command::Quit | Command::Select | Command::ClientOk => ok(),
         Command::ClientGetName => Frame::Null,
+        Command::Hello(proto) => hello(proto.unwrap_or(2), 0),
         Command::CommandInfo(sub) => command_info(sub),
         Command::ConfigGet(patterns) => config_get(node, &patterns),
         Command::Set(_)

@@ -192,6 +192,7 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
     let stage = Arc::new(StageCell::default());
 
     check_partition_count(&config)?;
+    check_data_dir_identity(&config)?;
 
     // 1. The HTTP port first, so `/health` shows every stage that follows.
     let http_listener = TcpListener::bind(config.http_addr)
@@ -402,6 +403,62 @@ fn check_partition_count(config: &NodeConfig) -> anyhow::Result<()> {
             config.partitions
         )),
         _ => Ok(()),
+    }
+}
+
+/// The record in a data dir of the cluster whose node wrote it.
+const IDENTITY_FILE: &str = "ferry-node.json";
+
+/// Refuses a data dir written as another cluster or cluster id: the node stamps the cluster id
+/// into every write's timetag, and duplication keys its progress by it. A fresh data dir gets
+/// the record (written whole, then renamed, then the directory synced).
+fn check_data_dir_identity(config: &NodeConfig) -> anyhow::Result<()> {
+    #[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+    struct Identity {
+        cluster: String,
+        cluster_id: u8,
+    }
+    let ours = Identity {
+        cluster: config.cluster.clone(),
+        cluster_id: config.cluster_id.unwrap_or(0),
+    };
+    let path = config.data_dir.join(IDENTITY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let theirs: Identity = serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{} is not a data dir record ({{\"cluster\": ..., \"cluster_id\": ...}}); restore it or move the data dir away",
+                    path.display()
+                )
+            })?;
+            if theirs != ours {
+                anyhow::bail!(
+                    "data dir {} was written by a node of cluster `{}` (id {}), but this node is configured as cluster `{}` (id {}); its writes would carry the wrong cluster id. Fix `cluster`/`cluster_id`, or use a fresh data_dir",
+                    config.data_dir.display(),
+                    theirs.cluster,
+                    theirs.cluster_id,
+                    ours.cluster,
+                    ours.cluster_id
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&config.data_dir)
+                .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+            let tmp = config.data_dir.join(format!("{IDENTITY_FILE}.tmp"));
+            let mut f =
+                std::fs::File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+            std::io::Write::write_all(&mut f, &serde_json::to_vec(&ours)?)
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("write {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("rename to {}", path.display()))?;
+            ferry_log::plog::sync_dir(&config.data_dir)
+                .map_err(|e| anyhow!("sync data dir {}: {e}", config.data_dir.display()))?;
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("read {}: {e}", path.display())),
     }
 }
 
@@ -750,6 +807,28 @@ mod tests {
             .sum();
         assert_eq!(decrees, 1, "{metrics}");
         server.stop().await;
+    }
+
+    #[test]
+    fn a_data_dir_of_another_cluster_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = |cluster: &str, id| NodeConfig {
+            cluster: cluster.into(),
+            cluster_id: Some(id),
+            data_dir: dir.path().to_path_buf(),
+            ..NodeConfig::default()
+        };
+        check_data_dir_identity(&config("bj", 1)).expect("a fresh data dir gets the record");
+        check_data_dir_identity(&config("bj", 1)).expect("the same cluster");
+        let e = check_data_dir_identity(&config("bj", 2)).expect_err("another id");
+        assert!(
+            e.to_string().contains(
+                "was written by a node of cluster `bj` (id 1), but this node is configured as cluster `bj` (id 2)"
+            ),
+            "{e}"
+        );
+        let e = check_data_dir_identity(&config("tj", 1)).expect_err("another cluster");
+        assert!(e.to_string().contains("cluster `tj` (id 1)"), "{e}");
     }
 
     #[test]

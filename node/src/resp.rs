@@ -15,8 +15,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use ferry_resp::{ProtocolError, RequestCodec};
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{FuturesOrdered, StreamExt};
-use redis_protocol::codec::Resp2;
+use redis_protocol::codec::{Resp2, Resp3};
 use redis_protocol::resp2::types::BytesFrame as Frame;
+use redis_protocol::resp3::types::BytesFrame as Frame3;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -113,6 +114,10 @@ struct Connection {
     writer: OwnedWriteHalf,
     node: Arc<Node>,
     encoder: Resp2,
+    /// Set by `HELLO 3`: replies go out in RESP3.
+    resp3: Option<Resp3>,
+    /// This connection's id, as HELLO answers it.
+    id: u64,
     /// Encoded replies not yet written.
     out: BytesMut,
     /// Replies in request order: writes in flight, and answers queued behind them.
@@ -123,6 +128,9 @@ struct Connection {
     /// connection closes once everything before is answered.
     closing: bool,
 }
+
+/// Connection ids, as HELLO answers them.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 enum Event {
     Request(Option<Result<Vec<Bytes>, ProtocolError>>),
@@ -139,6 +147,8 @@ impl Connection {
             writer: wr,
             node,
             encoder: Resp2::default(),
+            resp3: None,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             out: BytesMut::with_capacity(16 << 10),
             pending: FuturesOrdered::new(),
             stalled: None,
@@ -229,6 +239,13 @@ impl Connection {
 
     /// Answers a read: at once, or from the blocking pool when it scans every partition.
     fn read(&mut self, cmd: Command) {
+        if let Command::Hello(proto) = cmd {
+            // Every earlier reply is out in the old protocol; this one and the rest in the new.
+            let proto = proto.unwrap_or(if self.resp3.is_some() { 3 } else { 2 });
+            self.resp3 = (proto == 3).then(|| Resp3::new(false));
+            let reply = commands::hello(proto, self.id);
+            return self.encode_as(reply, true);
+        }
         if cmd.scans_every_partition() {
             let reply = commands::execute_blocking(self.node.clone(), cmd);
             self.pending.push_back(reply);
@@ -249,10 +266,25 @@ impl Connection {
     }
 
     fn encode(&mut self, frame: Frame) {
+        self.encode_as(frame, false)
+    }
+
+    /// Encodes a reply in the connection's protocol; in RESP3, `as_map` sends a flat list of
+    /// names and values as a map (HELLO's answer).
+    fn encode_as(&mut self, frame: Frame, as_map: bool) {
         if matches!(frame, Frame::Error(_)) {
             self.node.metrics.command_error();
         }
-        if let Err(e) = self.encoder.encode(frame, &mut self.out) {
+        let encoded = match &mut self.resp3 {
+            Some(codec) => codec
+                .encode(resp3(frame, as_map), &mut self.out)
+                .map_err(|e| e.to_string()),
+            None => self
+                .encoder
+                .encode(frame, &mut self.out)
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = encoded {
             // Only an internal bug could make a reply unencodable; tell the client rather than
             // desynchronising the stream.
             tracing::error!(error = %e, "cannot encode a reply");
@@ -261,5 +293,43 @@ impl Connection {
                 &mut self.out,
             );
         }
+    }
+}
+
+/// A reply in RESP3: the same values, with HELLO's field list as a map.
+fn resp3(frame: Frame, as_map: bool) -> Frame3 {
+    match frame {
+        Frame::SimpleString(data) => Frame3::SimpleString {
+            data,
+            attributes: None,
+        },
+        Frame::Error(data) => Frame3::SimpleError {
+            data,
+            attributes: None,
+        },
+        Frame::Integer(data) => Frame3::Number {
+            data,
+            attributes: None,
+        },
+        Frame::BulkString(data) => Frame3::BlobString {
+            data,
+            attributes: None,
+        },
+        Frame::Null => Frame3::Null,
+        Frame::Array(items) if as_map => {
+            let mut map = redis_protocol::resp3::types::FrameMap::default();
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                map.insert(resp3(k, false), resp3(v, false));
+            }
+            Frame3::Map {
+                data: map,
+                attributes: None,
+            }
+        }
+        Frame::Array(items) => Frame3::Array {
+            data: items.into_iter().map(|f| resp3(f, false)).collect(),
+            attributes: None,
+        },
     }
 }

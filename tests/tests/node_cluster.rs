@@ -152,3 +152,39 @@ fn node_with_differing_config_refuses_to_start_naming_the_field() -> Result<()> 
     assert!(etcd.get_prefix("/ferry/bj/nodes/")?.is_empty());
     Ok(())
 }
+
+#[test]
+fn node_started_while_etcd_is_down_waits_and_joins_when_it_returns() -> Result<()> {
+    let mut etcd = Etcd::start()?;
+    let dir = tempfile::tempdir()?;
+    let mut coord = Coordinator::start(&etcd, dir.path(), "c1", &CoordinatorSpec::default())?;
+    coord.wait_stage(&["leader"], Duration::from_secs(20))?;
+    ferry_ok(&coord, &["table", "create", "users", "--partitions", "4"])?;
+    etcd.stop();
+
+    let mut node = ClusterNode::spawn(&etcd, dir.path(), &NodeSpec::default())?;
+    // Bounded: it stays up, waiting, for as long as etcd is away (3 s here).
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if let Some(status) = node.proc.child.try_wait()? {
+            bail!(
+                "the node exited with {status} while etcd was down: {}",
+                node.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        node.log_text()
+            .contains("etcd is unreachable; waiting for it"),
+        "{}",
+        node.log_text()
+    );
+    etcd.restart()?;
+    node.wait_stage("serving", Duration::from_secs(60))?;
+    let mut con = redis::Client::open(node.redis_url())?
+        .get_connection_with_timeout(Duration::from_secs(5))?;
+    set(&mut con, "k", "v")?;
+    assert!(node.log_text().contains("etcd answers again; joined"));
+    Ok(())
+}
