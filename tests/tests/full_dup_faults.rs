@@ -171,7 +171,16 @@ fn a_corrupt_chunk_is_detected_counted_and_sent_again() -> Result<()> {
         "the corrupt chunk is counted once"
     );
     assert!(w.bj.shipper_metric("dup_session_failures_total")? >= 1.0);
-    assert!(w.bj.log_text("shipper").contains("checksum_mismatch"));
+    // The shipper logs the receiver's refusal as its session ends, which may come after the
+    // next transfer finished the copy: wait for the line (bounded).
+    let start = std::time::Instant::now();
+    while !w.bj.log_text("shipper").contains("checksum_mismatch") {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(10),
+            "the shipper never logged the receiver's checksum_mismatch"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     w.tj.node.wait_stage("serving", Duration::from_secs(30))?;
     assert_eq!(
         wait_converged(&w.bj, &w.tj, Duration::from_secs(30))?,

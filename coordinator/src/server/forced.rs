@@ -428,14 +428,13 @@ impl Returns {
                 by_table.entry(table).or_default().push((dupid, d));
             }
         }
+        // Three range reads however many tables there are.
+        let stamps = meta.all_checked().await?;
+        let unchecked = meta.unchecked_tables().await?;
         for (table, dups) in by_table.into_iter() {
-            let stamp = meta.checked(&table).await?.map(|(_, rev)| rev);
-            let waiting = meta
-                .state_acks(&table)
-                .await?
-                .iter()
-                .filter_map(|(_, a)| a.unchecked_since)
-                .any(|since| stamp.is_none_or(|s| s <= since));
+            let waiting = unchecked
+                .get(&table)
+                .is_some_and(|since| stamps.get(&table).is_none_or(|s| s <= since));
             if !(waiting || sweep) {
                 continue;
             }

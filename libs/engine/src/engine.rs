@@ -110,24 +110,26 @@ impl Engine {
     /// The last source decree applied from `source`, and the timestamp of that write.
     pub fn dup_progress_at(&self, source: Source) -> Result<SourceProgress, StoreError> {
         let key = dup_key(source);
-        let Some(v) = self
+        match self
             .db
             .get_pinned(&key)
             .map_err(|e| StoreError::rocks("get meta", &self.dir, e))?
-        else {
-            return Ok(SourceProgress::default());
-        };
-        let word = |i: usize| -> u64 {
+        {
+            Some(v) => self.decode_progress(&key, &v),
+            None => Ok(SourceProgress::default()),
+        }
+    }
+
+    /// A progress value: the decree, then (since the timestamp is kept) its write's time.
+    fn decode_progress(&self, key: &[u8], v: &[u8]) -> Result<SourceProgress, StoreError> {
+        let word = |i: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&v[i * 8..i * 8 + 8]);
             u64::from_be_bytes(b)
         };
         match v.len() {
             // Written before the timestamp was kept.
-            8 => Ok(SourceProgress {
-                decree: Decree(word(0)),
-                timestamp_us: 0,
-            }),
+            8 => Ok(SourceProgress::at(Decree(word(0)))),
             16 => Ok(SourceProgress {
                 decree: Decree(word(0)),
                 timestamp_us: word(1),
@@ -136,25 +138,34 @@ impl Engine {
                 dir: self.dir.clone(),
                 reason: format!(
                     "dup progress key {} has {n} bytes, expected 8 or 16",
-                    String::from_utf8_lossy(&key)
+                    String::from_utf8_lossy(key)
                 ),
             }),
         }
     }
 
-    /// Every source this database applied from, with its progress, in key order.
-    pub fn dup_sources(&self) -> Result<Vec<(Source, SourceProgress)>, StoreError> {
+    /// Every duplication progress key (`mdup/...`) and its value, in key order.
+    fn dup_entries(&self) -> Result<Vec<KeyValue>, StoreError> {
         let mut out = Vec::new();
         let iter = self
             .db
             .iterator(IteratorMode::From(META_DUP_PREFIX, Direction::Forward));
         for item in iter {
-            let (key, _) =
+            let (key, value) =
                 item.map_err(|e| StoreError::rocks("scan dup progress", &self.dir, e))?;
-            let Some(rest) = key.strip_prefix(META_DUP_PREFIX) else {
+            if !key.starts_with(META_DUP_PREFIX) {
                 break;
-            };
-            let parsed = match rest {
+            }
+            out.push((key, value));
+        }
+        Ok(out)
+    }
+
+    /// Every source this database applied from, with its progress, in key order.
+    pub fn dup_sources(&self) -> Result<Vec<(Source, SourceProgress)>, StoreError> {
+        let mut out = Vec::new();
+        for (key, value) in self.dup_entries()? {
+            let parsed = match &key[META_DUP_PREFIX.len()..] {
                 [c, p @ ..] if p.len() == 4 => {
                     ferry_proto::ClusterId::new(*c).map(|cluster| Source {
                         cluster,
@@ -172,7 +183,7 @@ impl Engine {
                     ),
                 });
             };
-            out.push((source, self.dup_progress_at(source)?));
+            out.push((source, self.decode_progress(&key, &value)?));
         }
         Ok(out)
     }
@@ -181,15 +192,7 @@ impl Engine {
     /// cluster's checkpoint must not keep that cluster's progress as its own.
     pub fn forget_dup_progress(&self) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        let iter = self
-            .db
-            .iterator(IteratorMode::From(META_DUP_PREFIX, Direction::Forward));
-        for item in iter {
-            let (key, _) =
-                item.map_err(|e| StoreError::rocks("scan dup progress", &self.dir, e))?;
-            if !key.starts_with(META_DUP_PREFIX) {
-                break;
-            }
+        for (key, _) in self.dup_entries()? {
             batch.delete(&key);
         }
         if !batch.is_empty() {

@@ -399,6 +399,47 @@ impl MetaStore {
             .map(|_| ())
     }
 
+    /// Every table's last return check: the revision that wrote it, by table.
+    pub async fn all_checked(&self) -> Result<std::collections::HashMap<String, i64>, MetaError> {
+        let prefix = self.keys().all_checked();
+        Ok(self
+            .get_prefix(prefix.clone())
+            .await?
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                (
+                    key.trim_start_matches(&prefix).to_owned(),
+                    kv.mod_revision(),
+                )
+            })
+            .collect())
+    }
+
+    /// The tables whose nodes wait for a return check: every table with a node answer that is
+    /// `unchecked_since`, and the largest such revision.
+    pub async fn unchecked_tables(
+        &self,
+    ) -> Result<std::collections::HashMap<String, i64>, MetaError> {
+        let prefix = self.keys().all_state_acks();
+        let mut out = std::collections::HashMap::new();
+        for kv in self.get_prefix(prefix.clone()).await? {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let Some(table) = key
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split('/').next())
+            else {
+                continue;
+            };
+            let ack: StateAck = decode(&kv)?;
+            if let Some(since) = ack.unchecked_since {
+                let e = out.entry(table.to_owned()).or_insert(since);
+                *e = (*e).max(since);
+            }
+        }
+        Ok(out)
+    }
+
     /// The table's last return check and the revision that wrote it.
     pub async fn checked(&self, table: &str) -> Result<Option<(Checked, i64)>, MetaError> {
         known_table(table)?;

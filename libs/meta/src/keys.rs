@@ -134,6 +134,16 @@ impl Keys {
         format!("{}checked/{table}", self.root)
     }
 
+    /// Prefix of every table's return check.
+    pub fn all_checked(&self) -> String {
+        format!("{}checked/", self.root)
+    }
+
+    /// Prefix of the nodes' answers to every table's state.
+    pub fn all_state_acks(&self) -> String {
+        format!("{}state_acks/", self.root)
+    }
+
     /// Prefix of the nodes' answers to a table's state.
     pub fn state_acks(&self, table: &str) -> String {
         format!("{}state_acks/{table}/", self.root)
