@@ -41,20 +41,6 @@ fn state(c: &Cluster) -> Result<String> {
     Ok(v["state"].as_str().unwrap_or_default().to_owned())
 }
 
-/// Waits (bounded) until `c` takes a write.
-fn wait_writable(c: &Cluster, timeout: Duration) -> Result<()> {
-    let start = Instant::now();
-    let mut con = c.redis()?;
-    loop {
-        let r: redis::RedisResult<()> = redis::cmd("SET").arg("probe").arg("1").query(&mut con);
-        match r {
-            Ok(()) => return Ok(()),
-            Err(e) => ensure!(start.elapsed() < timeout, "{} refuses writes: {e}", c.name),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Every key `k0..k{n}` reads `v` on `c`.
 fn check_keys(c: &Cluster, n: u32) -> Result<()> {
     let mut con = c.redis()?;
@@ -81,7 +67,7 @@ fn failed_failover(w: &TwoClusters, deadline: &str) -> Result<String> {
     ensure!(e.contains("rolled_back"), "{e}");
     ensure!(state(&w.bj)? == "available", "bj is not available again");
     ensure!(state(&w.tj)? == "demoted", "tj took over after all");
-    wait_writable(&w.bj, Duration::from_secs(5))?;
+    w.bj.wait_writable(Duration::from_secs(5))?;
     Ok(e)
 }
 
@@ -102,7 +88,7 @@ fn a_killed_shipper_stops_the_drain_and_the_failover_rolls_back() -> Result<()> 
     w.bj.start_shipper()?;
     let out = to_tj(&w, &[])?;
     ensure!(out.contains("step done"), "{out}");
-    wait_writable(&w.tj, Duration::from_secs(5))?;
+    w.tj.wait_writable(Duration::from_secs(5))?;
     check_keys(&w.tj, 300)
 }
 
@@ -118,7 +104,7 @@ fn a_target_node_down_rolls_back_at_the_hand_over() -> Result<()> {
     w.tj.restart_node(&w.etcd)?;
     let out = to_tj(&w, &[])?;
     ensure!(out.contains("step done"), "{out}");
-    wait_writable(&w.tj, Duration::from_secs(5))?;
+    w.tj.wait_writable(Duration::from_secs(5))?;
     check_keys(&w.tj, 200)
 }
 
@@ -137,7 +123,7 @@ fn a_target_that_does_not_catch_up_in_time_is_called_off() -> Result<()> {
     ensure!(out.contains("step aborted"), "{out}");
     failpoint(w.tj.coordinator.addr, "failover-hold", None)?;
     to_tj(&w, &[])?;
-    wait_writable(&w.tj, Duration::from_secs(5))?;
+    w.tj.wait_writable(Duration::from_secs(5))?;
     check_keys(&w.tj, 100)
 }
 
@@ -161,7 +147,7 @@ fn a_deadline_that_passes_after_the_target_took_over_finishes_the_failover() -> 
     );
     ensure!(state(&w.tj)? == "available");
     failpoint(w.bj.coordinator.addr, "failover-blind", None)?;
-    wait_writable(&w.tj, Duration::from_secs(5))?;
+    w.tj.wait_writable(Duration::from_secs(5))?;
     check_keys(&w.tj, 100)
 }
 
@@ -218,7 +204,7 @@ fn a_standby_coordinator_finishes_a_failover_whose_leader_was_killed() -> Result
             std::thread::sleep(Duration::from_millis(100));
         };
         ensure!(v["state"] == "demoted", "{v}");
-        wait_writable(&w.tj, Duration::from_secs(5))
+        w.tj.wait_writable(Duration::from_secs(5))
             .with_context(|| format!("killed at {step}"))?;
         check_keys(&w.tj, 100)?;
         eprintln!("killed the leader at {step}: the standby finished the failover");
@@ -243,6 +229,6 @@ fn a_cut_link_stops_the_drain_and_the_failover_rolls_back() -> Result<()> {
     relay.set_cut(false);
     let out = to_tj(&w, &[])?;
     ensure!(out.contains("step done"), "{out}");
-    wait_writable(&w.tj, Duration::from_secs(5))?;
+    w.tj.wait_writable(Duration::from_secs(5))?;
     check_keys(&w.tj, 300)
 }

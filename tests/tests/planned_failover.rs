@@ -26,24 +26,6 @@ fn standby_pair(partitions: u32) -> Result<(TwoClusters, u64)> {
     Ok((w, dupid))
 }
 
-/// Waits (bounded) until a write to `c` is taken; returns how long that took.
-fn wait_writable(c: &Cluster, timeout: Duration) -> Result<Duration> {
-    let start = Instant::now();
-    let mut con = c.redis()?;
-    loop {
-        let r: redis::RedisResult<()> = redis::cmd("SET").arg("probe").arg("1").query(&mut con);
-        match r {
-            Ok(()) => return Ok(start.elapsed()),
-            Err(e) => ensure!(
-                start.elapsed() < timeout,
-                "{} still refuses writes after {timeout:?}: {e}",
-                c.name
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn planned_failover_and_failback_under_load_lose_nothing() -> Result<()> {
     let (w, dupid) = standby_pair(4)?;
@@ -210,6 +192,6 @@ fn a_failover_is_refused_while_the_target_takes_writes() -> Result<()> {
         "{e}"
     );
     // Nothing was fenced.
-    wait_writable(&w.bj, Duration::from_secs(1))?;
+    w.bj.wait_writable(Duration::from_secs(1))?;
     Ok(())
 }

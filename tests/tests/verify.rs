@@ -2,9 +2,9 @@
 //! consistent point; a stray write on the target makes them differ, naming the partition; and
 //! `ferry failover --verify` then refuses to hand over, rolling back.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context as _, Result};
 
 use ferry_proto::partition_of;
 use ferry_tests::dup::{Cluster, TwoClusters};
@@ -50,33 +50,21 @@ fn verify_finds_equal_copies_and_names_the_partition_that_differs() -> Result<()
     ensure!(equal && out.contains(": equal ("), "{out}");
     ensure!(out.contains("500 entries here, 500 there"), "{out}");
 
-    // A write taken on tj directly (made writable for a moment) is not on bj.
+    // A write taken on tj directly (`probe`, while tj is writable for a moment) is not on bj.
     w.tj.ferry_ok(&["table", "set-state", TABLE, "available"])?;
-    let mut tcon = w.tj.redis()?;
-    let start = Instant::now();
-    loop {
-        let r: redis::RedisResult<()> = redis::cmd("SET").arg("stray").arg("x").query(&mut tcon);
-        if r.is_ok() {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "tj never took the write"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    w.tj.wait_writable(Duration::from_secs(10))?;
     w.tj.ferry_ok(&["table", "set-state", TABLE, "demoted"])?;
     let (equal, out) = verify(&w)?;
     eprintln!("ferry verify after a stray write on tj:\n{out}");
     ensure!(!equal && out.contains("DIFFERENT"), "{out}");
-    let p = partition_of(b"stray", PARTITIONS).0;
+    let p = partition_of(b"probe", PARTITIONS).0;
     let row = out
         .lines()
         .find(|l| l.split_whitespace().next() == Some(&p.to_string()))
         .unwrap_or_default();
     ensure!(
         row.ends_with("DIFFERENT"),
-        "partition {p} holds the stray key but is not marked: {row}"
+        "partition {p} holds the stray key `probe` but is not marked: {row}"
     );
 
     // A failover with --verify does not hand the writes over to a copy that differs.
@@ -89,18 +77,7 @@ fn verify_finds_equal_copies_and_names_the_partition_that_differs() -> Result<()
             .contains(&format!("verify: partition {p} differs")),
         "{e}"
     );
-    let mut bcon = w.bj.redis()?;
-    let start = Instant::now();
-    loop {
-        let r: redis::RedisResult<()> = redis::cmd("SET").arg("after").arg("1").query(&mut bcon);
-        if r.is_ok() {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(10),
-            "bj does not serve after the rolled-back failover"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    w.bj.wait_writable(Duration::from_secs(10))
+        .context("bj does not serve after the rolled-back failover")?;
     Ok(())
 }

@@ -640,6 +640,22 @@ impl Cluster {
         serde_json::from_str(&body).context("parse /replica/duplication")
     }
 
+    /// Waits (bounded) until the node takes a write (`SET probe 1`); returns how long that took.
+    pub fn wait_writable(&self, timeout: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let mut con = self.redis()?;
+        loop {
+            let r: redis::RedisResult<()> = redis::cmd("SET").arg("probe").arg("1").query(&mut con);
+            match r {
+                Ok(()) => return Ok(start.elapsed()),
+                Err(e) if start.elapsed() >= timeout => {
+                    bail!("{} still refuses writes after {timeout:?}: {e}", self.name)
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
     pub fn redis(&self) -> Result<redis::Connection> {
         Ok(redis::Client::open(self.node.redis_url())?
             .get_connection_with_timeout(Duration::from_secs(5))?)
