@@ -5,6 +5,11 @@
 //! writes share group commits), reads run inline once the connection's earlier writes are done,
 //! and the rest are answered at once. Replies follow Redis's wording, so client libraries that
 //! match on error prefixes behave as they do against Redis.
+//!
+//! Transactions: the connection queues the commands between MULTI and EXEC
+//! ([`Command::queueable`]) and remembers WATCHed keys' versions ([`watch`]); [`start_exec`]
+//! sends the whole transaction to its partition's writer as one request, which applies it as
+//! one plog record (see `docs/architecture.md`, Transactions).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -20,8 +25,9 @@ use redis_protocol::resp2::types::BytesFrame as Frame;
 use crate::scan::{glob_match, ScanPos};
 use crate::Node;
 use ferry_engine::error::StoreError;
-use ferry_engine::partition::{Expiry, Partition, SetCond, WriteCmd, WriteOutcome};
+use ferry_engine::partition::{Expiry, Partition, SetCond, TxCmd, WriteCmd, WriteOutcome};
 use ferry_engine::table::Table;
+use ferry_proto::Timetag;
 
 /// What `COMMAND` reports about a command, in Redis's terms.
 #[derive(Debug)]
@@ -57,6 +63,7 @@ const WD: &[&str] = &["write", "denyoom"];
 const R: &[&str] = &["readonly", "fast"];
 const RS: &[&str] = &["readonly"];
 const F: &[&str] = &["fast"];
+const TX: &[&str] = &["noscript", "loading", "stale", "fast"];
 const NOKEYS: (i64, i64, i64) = (0, 0, 0);
 const KEY1: (i64, i64, i64) = (1, 1, 1);
 const KEYS: (i64, i64, i64) = (1, -1, 1);
@@ -98,6 +105,11 @@ pub static SPECS: &[Spec] = &[
         &["noscript", "loading", "stale", "fast"],
         NOKEYS,
     ),
+    spec("multi", 1, TX, NOKEYS),
+    spec("exec", 1, &["noscript", "loading", "stale"], NOKEYS),
+    spec("discard", 1, TX, NOKEYS),
+    spec("watch", -2, TX, KEYS),
+    spec("unwatch", 1, TX, NOKEYS),
 ];
 
 /// The index in [`SPECS`] of a command name, any case.
@@ -158,6 +170,13 @@ pub enum Command {
     /// `HELLO [2|3] [SETNAME name]`: the protocol the connection answers in from here (the
     /// current one if not given). The connection carries it out ([`crate::resp`]).
     Hello(Option<u8>),
+    /// MULTI, EXEC, DISCARD, UNWATCH: the connection carries them out ([`crate::resp`]).
+    Multi,
+    Exec,
+    Discard,
+    Unwatch,
+    /// `WATCH key [key ...]`: the connection remembers each key's version ([`watch`]).
+    Watch(Vec<Bytes>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,6 +208,8 @@ pub enum Class {
     Write,
     /// QUIT: answer, then close after the earlier replies.
     Quit,
+    /// MULTI, EXEC, DISCARD, UNWATCH: they change the connection's transaction state.
+    Transaction,
 }
 
 impl Command {
@@ -210,6 +231,55 @@ impl Command {
             | ClientGetName => Class::Immediate,
             // Like a read, after the earlier replies: the protocol changes between two of them.
             Hello(_) => Class::Read,
+            // A read of the keys' versions: it must see the connection's earlier writes.
+            Watch(_) => Class::Read,
+            Multi | Exec | Discard | Unwatch => Class::Transaction,
+        }
+    }
+
+    /// The keys the command reads or writes (none for keyless commands).
+    pub fn keys(&self) -> Vec<&Bytes> {
+        use Command::*;
+        match self {
+            Get(key)
+            | Type(key)
+            | StrLen(key)
+            | Ttl { key, .. }
+            | IncrBy { key, .. }
+            | Expire { key, .. } => vec![key],
+            Set(s) => vec![&s.key],
+            Del(keys) | Exists(keys) | MGet(keys) | Watch(keys) => keys.iter().collect(),
+            MSet(pairs) => pairs.iter().map(|(k, _)| k).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the command may be queued between MULTI and EXEC: the writes, the keyed reads,
+    /// PING and ECHO. `name` is the command's name as the client sent it, for the error. (The
+    /// connection carries out MULTI, EXEC, DISCARD and QUIT itself, also inside a transaction.)
+    pub fn queueable(&self, name: &[u8]) -> Result<(), CmdError> {
+        use Command::*;
+        match self {
+            Set(_)
+            | Del(_)
+            | MSet(_)
+            | IncrBy { .. }
+            | Expire { .. }
+            | Get(_)
+            | MGet(_)
+            | Exists(_)
+            | Ttl { .. }
+            | Type(_)
+            | StrLen(_)
+            | Ping(_)
+            | Echo(_) => Ok(()),
+            Watch(_) => Err(CmdError::Unsupported(
+                "WATCH inside MULTI is not allowed".into(),
+            )),
+            _ => Err(CmdError::Unsupported(format!(
+                "ferry does not run {} inside a transaction; send it before MULTI or after EXEC",
+                printable(name, 32).to_ascii_uppercase()
+            ))),
         }
     }
 
@@ -474,6 +544,11 @@ pub fn parse(args: &[Bytes], now_ms: u64) -> Result<Command, CmdError> {
             }
             Command::Hello(protover)
         }
+        "multi" => Command::Multi,
+        "exec" => Command::Exec,
+        "discard" => Command::Discard,
+        "unwatch" => Command::Unwatch,
+        "watch" => Command::Watch(rest.to_vec()),
         "client" => {
             let sub = arg(0)?;
             if sub.eq_ignore_ascii_case(b"setname") || sub.eq_ignore_ascii_case(b"setinfo") {
@@ -651,56 +726,12 @@ pub fn execute(node: &Node, cmd: Command) -> Frame {
     match cmd {
         Command::Ping(None) => simple("PONG"),
         Command::Ping(Some(msg)) | Command::Echo(msg) => Frame::BulkString(msg),
-        Command::Get(key) => match table.partition_for(&key).get(&key) {
-            Ok(Some(live)) => Frame::BulkString(live.value.into()),
-            Ok(None) => Frame::Null,
-            Err(e) => read_error(&e),
-        },
-        Command::MGet(keys) => {
-            let mut out = Vec::with_capacity(keys.len());
-            for key in keys {
-                match table.partition_for(&key).get(&key) {
-                    Ok(Some(live)) => out.push(Frame::BulkString(live.value.into())),
-                    Ok(None) => out.push(Frame::Null),
-                    Err(e) => return read_error(&e),
-                }
-            }
-            Frame::Array(out)
-        }
-        Command::Exists(keys) => {
-            let mut n = 0;
-            for key in keys {
-                match table.partition_for(&key).get(&key) {
-                    Ok(found) => n += i64::from(found.is_some()),
-                    Err(e) => return read_error(&e),
-                }
-            }
-            Frame::Integer(n)
-        }
-        Command::Type(key) => match table.partition_for(&key).get(&key) {
-            Ok(found) => simple(if found.is_some() { "string" } else { "none" }),
-            Err(e) => read_error(&e),
-        },
-        Command::StrLen(key) => match table.partition_for(&key).get(&key) {
-            Ok(found) => Frame::Integer(found.map_or(0, |l| l.value.len() as i64)),
-            Err(e) => read_error(&e),
-        },
-        Command::Ttl { key, millis } => match table.partition_for(&key).get(&key) {
-            Ok(None) => Frame::Integer(-2),
-            Ok(Some(live)) if live.expire_at_ms == 0 => Frame::Integer(-1),
-            Ok(Some(live)) => {
-                let left = live
-                    .expire_at_ms
-                    .saturating_sub(ferry_engine::clock::wall_ms());
-                let left = if millis {
-                    left
-                } else {
-                    left.saturating_add(500) / 1000
-                };
-                Frame::Integer(i64::try_from(left).unwrap_or(i64::MAX))
-            }
-            Err(e) => read_error(&e),
-        },
+        Command::Get(key) => read_keys(table, &[key], Answer::Get),
+        Command::MGet(keys) => read_keys(table, &keys, Answer::MGet),
+        Command::Exists(keys) => read_keys(table, &keys, Answer::Exists),
+        Command::Type(key) => read_keys(table, &[key], Answer::Type),
+        Command::StrLen(key) => read_keys(table, &[key], Answer::StrLen),
+        Command::Ttl { key, millis } => read_keys(table, &[key], Answer::Ttl { millis }),
         Command::Scan {
             cursor,
             pattern,
@@ -722,6 +753,13 @@ pub fn execute(node: &Node, cmd: Command) -> Frame {
         | Command::MSet(_)
         | Command::IncrBy { .. }
         | Command::Expire { .. } => error("ERR internal error: a write was executed as a read"),
+        Command::Multi
+        | Command::Exec
+        | Command::Discard
+        | Command::Unwatch
+        | Command::Watch(_) => {
+            error("ERR internal error: a transaction command was executed as a read")
+        }
     }
 }
 
@@ -735,27 +773,9 @@ pub fn start_write(node: &Node, cmd: Command) -> BoxFuture<'static, Frame> {
     let table = &node.table;
     match cmd {
         Command::Set(s) => {
-            let get = s.get;
-            let cmd = WriteCmd::Set {
-                key: s.key.to_vec(),
-                value: s.value.to_vec(),
-                expiry: s.expiry,
-                cond: s.cond,
-                get_old: get,
-            };
-            let write = submit(table.partition_for(&s.key), cmd);
-            async move {
-                match write.await {
-                    Ok(WriteOutcome::Set { old, .. }) if get => {
-                        old.map_or(Frame::Null, |v| Frame::BulkString(v.into()))
-                    }
-                    Ok(WriteOutcome::Set { applied: true, .. }) => ok(),
-                    Ok(WriteOutcome::Set { applied: false, .. }) => Frame::Null,
-                    Ok(other) => unexpected(&other),
-                    Err(e) => write_error(&e),
-                }
-            }
-            .boxed()
+            let partition = table.partition_for(&s.key);
+            let answer = Answer::Set { get: s.get };
+            write_one(partition, set_cmd(s), answer)
         }
         Command::MSet(pairs) => {
             let writes: Vec<_> = by_partition(table, pairs, |(k, _)| k)
@@ -810,46 +830,316 @@ pub fn start_write(node: &Node, cmd: Command) -> BoxFuture<'static, Frame> {
             }
             .boxed()
         }
-        Command::IncrBy { key, delta } => {
-            let write = submit(
-                table.partition_for(&key),
-                WriteCmd::IncrBy {
-                    key: key.to_vec(),
-                    delta,
-                },
-            );
-            async move {
-                match write.await {
-                    Ok(WriteOutcome::Integer(n)) => Frame::Integer(n),
-                    Ok(WriteOutcome::NotInteger) => CmdError::NotInteger.to_frame(),
-                    Ok(WriteOutcome::Overflow) => {
-                        error("ERR increment or decrement would overflow")
-                    }
-                    Ok(other) => unexpected(&other),
-                    Err(e) => write_error(&e),
-                }
-            }
-            .boxed()
-        }
-        Command::Expire { key, at_ms } => {
-            let write = submit(
-                table.partition_for(&key),
-                WriteCmd::Expire {
-                    key: key.to_vec(),
-                    at_ms,
-                },
-            );
-            async move {
-                match write.await {
-                    Ok(WriteOutcome::Changed(changed)) => Frame::Integer(i64::from(changed)),
-                    Ok(other) => unexpected(&other),
-                    Err(e) => write_error(&e),
-                }
-            }
-            .boxed()
-        }
+        Command::IncrBy { key, delta } => write_one(
+            table.partition_for(&key),
+            WriteCmd::IncrBy {
+                key: key.to_vec(),
+                delta,
+            },
+            Answer::Integer,
+        ),
+        Command::Expire { key, at_ms } => write_one(
+            table.partition_for(&key),
+            WriteCmd::Expire {
+                key: key.to_vec(),
+                at_ms,
+            },
+            Answer::Changed,
+        ),
         other => future::ready(execute(node, other)).boxed(),
     }
+}
+
+/// A reply as the connection sends it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Frame(Frame),
+    /// RESP2's null array (`*-1`), which [`Frame`] cannot express: EXEC's answer when a watched
+    /// key changed. RESP3 has a single null and sends that.
+    NullArray,
+}
+
+/// WATCH: remembers in `watched` the version of each key not watched yet (a key watched again
+/// keeps its first version, as in Redis), for [`start_exec`] to compare. The version is the
+/// stored timetag, tombstones included, so any write since counts as a change, a duplicated
+/// one too; a key that merely expired has not changed.
+pub fn watch(
+    node: &Node,
+    watched: &mut BTreeMap<Bytes, Option<Timetag>>,
+    keys: Vec<Bytes>,
+) -> Frame {
+    for key in keys {
+        if watched.contains_key(&key) {
+            continue;
+        }
+        if watched.len() >= MAX_WATCHED_KEYS {
+            return error(format!(
+                "ERR ferry watches at most {MAX_WATCHED_KEYS} keys per connection; UNWATCH, or watch fewer keys"
+            ));
+        }
+        match node.table.partition_for(&key).version(&key) {
+            Ok(version) => {
+                watched.insert(key, version);
+            }
+            Err(e) => return read_error(&e),
+        }
+    }
+    ok()
+}
+
+/// Most keys one connection may WATCH at once.
+pub const MAX_WATCHED_KEYS: usize = 1 << 16;
+
+/// EXEC: runs the `queued` commands as one transaction, if no `watched` key changed since it
+/// was watched. Every key, watched or used, must be in one partition (`-CROSSSLOT` otherwise,
+/// and nothing runs); the partition's writer then applies the whole transaction as one record,
+/// so it is durable, applied and duplicated whole or not at all. Like [`start_write`], the
+/// transaction is queued at its partition before this returns. The reply is the array of the
+/// commands' replies, a command that fails on the data (INCR of a non-integer) answering its
+/// error in its place while the others apply; or [`Reply::NullArray`] when a watched key
+/// changed; or one error when the transaction as a whole is refused (a fenced table).
+pub fn start_exec(
+    node: &Node,
+    watched: Vec<(Bytes, Option<Timetag>)>,
+    queued: Vec<Command>,
+) -> BoxFuture<'static, Reply> {
+    let refuse = |frame: Frame| future::ready(Reply::Frame(frame)).boxed();
+    let table = &node.table;
+    let mut partition: Option<&Arc<Partition>> = None;
+    let keys = watched
+        .iter()
+        .map(|(k, _)| k)
+        .chain(queued.iter().flat_map(|c| c.keys()));
+    for key in keys {
+        let p = table.partition_for(key);
+        match partition {
+            Some(q) if q.id() != p.id() => {
+                return refuse(error(
+                    "CROSSSLOT Keys in request don't hash to the same slot",
+                ))
+            }
+            _ => partition = Some(p),
+        }
+    }
+    let Some(partition) = partition else {
+        // Keyless (PING, ECHO) or empty: nothing to run in a partition.
+        let replies = queued.into_iter().map(|c| execute(node, c)).collect();
+        return refuse(Frame::Array(replies));
+    };
+    if queued.iter().any(|c| c.class() == Class::Write) {
+        if let Some(refused) = node.write_block() {
+            return refuse(error(refused));
+        }
+    }
+    // Per queued command, its answer: made now (PING, ECHO) or from its outcome.
+    let mut steps: Vec<Result<Answer, Frame>> = Vec::with_capacity(queued.len());
+    let mut cmds = Vec::with_capacity(queued.len());
+    for cmd in queued {
+        match tx_cmd(cmd) {
+            Ok((tx, answer)) => {
+                cmds.push(tx);
+                steps.push(Ok(answer));
+            }
+            Err(keyless) => steps.push(Err(execute(node, keyless))),
+        }
+    }
+    let watched = watched.into_iter().map(|(k, v)| (k.to_vec(), v)).collect();
+    let write = submit(partition, WriteCmd::Multi { watched, cmds });
+    async move {
+        let outcomes = match write.await {
+            Ok(WriteOutcome::Multi(outcomes)) => outcomes,
+            Ok(WriteOutcome::WatchChanged) => return Reply::NullArray,
+            Ok(other) => return Reply::Frame(unexpected(&other)),
+            Err(e) => return Reply::Frame(write_error(&e)),
+        };
+        let mut outcomes = outcomes.into_iter();
+        let replies = steps
+            .into_iter()
+            .map(|step| match step {
+                Err(now) => now,
+                Ok(answer) => match outcomes.next() {
+                    Some(outcome) => answer.reply(outcome),
+                    None => error("ERR internal error: the transaction lost a command's outcome"),
+                },
+            })
+            .collect();
+        Reply::Frame(Frame::Array(replies))
+    }
+    .boxed()
+}
+
+/// How a command's reply is made from what the partition did or read.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    Set {
+        get: bool,
+    },
+    /// MSET.
+    Done,
+    /// DEL.
+    Deleted,
+    /// INCRBY and friends.
+    Integer,
+    /// EXPIRE and friends, PERSIST.
+    Changed,
+    Get,
+    MGet,
+    Exists,
+    Type,
+    StrLen,
+    Ttl {
+        millis: bool,
+    },
+}
+
+impl Answer {
+    fn reply(self, outcome: WriteOutcome) -> Frame {
+        match (self, outcome) {
+            (Answer::Set { get: true }, WriteOutcome::Set { old, .. }) => {
+                old.map_or(Frame::Null, |v| Frame::BulkString(v.into()))
+            }
+            (Answer::Set { .. }, WriteOutcome::Set { applied: true, .. }) => ok(),
+            (Answer::Set { .. }, WriteOutcome::Set { applied: false, .. }) => Frame::Null,
+            (Answer::Done, WriteOutcome::Done) => ok(),
+            (Answer::Deleted, WriteOutcome::Deleted(n)) => {
+                Frame::Integer(i64::try_from(n).unwrap_or(i64::MAX))
+            }
+            (Answer::Integer, WriteOutcome::Integer(n)) => Frame::Integer(n),
+            (Answer::Integer, WriteOutcome::NotInteger) => CmdError::NotInteger.to_frame(),
+            (Answer::Integer, WriteOutcome::Overflow) => {
+                error("ERR increment or decrement would overflow")
+            }
+            (Answer::Changed, WriteOutcome::Changed(changed)) => Frame::Integer(i64::from(changed)),
+            (read, WriteOutcome::Values(values)) => read.read_reply(values),
+            (_, other) => unexpected(&other),
+        }
+    }
+
+    /// The reply of a keyed read, from each key's live value and expiry (unix ms, 0 for none).
+    fn read_reply(self, values: Vec<Option<(Vec<u8>, u64)>>) -> Frame {
+        match self {
+            Answer::MGet => {
+                return Frame::Array(
+                    values
+                        .into_iter()
+                        .map(|v| v.map_or(Frame::Null, |(v, _)| Frame::BulkString(v.into())))
+                        .collect(),
+                )
+            }
+            Answer::Exists => {
+                return Frame::Integer(values.iter().filter(|v| v.is_some()).count() as i64)
+            }
+            _ => {}
+        }
+        let first = values.into_iter().next().flatten();
+        match self {
+            Answer::Get => first.map_or(Frame::Null, |(v, _)| Frame::BulkString(v.into())),
+            Answer::Type => simple(if first.is_some() { "string" } else { "none" }),
+            Answer::StrLen => Frame::Integer(first.map_or(0, |(v, _)| v.len() as i64)),
+            Answer::Ttl { millis } => match first {
+                None => Frame::Integer(-2),
+                Some((_, 0)) => Frame::Integer(-1),
+                Some((_, at)) => {
+                    let left = at.saturating_sub(ferry_engine::clock::wall_ms());
+                    let left = if millis {
+                        left
+                    } else {
+                        left.saturating_add(500) / 1000
+                    };
+                    Frame::Integer(i64::try_from(left).unwrap_or(i64::MAX))
+                }
+            },
+            _ => error("ERR internal error: a write was answered with values"),
+        }
+    }
+}
+
+/// A queued command as a transaction's partition runs it, with how to answer it; a keyless
+/// command (PING, ECHO) comes back as it is.
+fn tx_cmd(cmd: Command) -> Result<(TxCmd, Answer), Command> {
+    let read = |keys: &[Bytes]| TxCmd::Read {
+        keys: keys.iter().map(|k| k.to_vec()).collect(),
+    };
+    Ok(match cmd {
+        Command::Set(s) => {
+            let get = s.get;
+            (TxCmd::Write(set_cmd(s)), Answer::Set { get })
+        }
+        Command::MSet(pairs) => (
+            TxCmd::Write(WriteCmd::MSet {
+                pairs: pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect(),
+            }),
+            Answer::Done,
+        ),
+        Command::Del(keys) => (
+            TxCmd::Write(WriteCmd::Del {
+                keys: keys.iter().map(|k| k.to_vec()).collect(),
+            }),
+            Answer::Deleted,
+        ),
+        Command::IncrBy { key, delta } => (
+            TxCmd::Write(WriteCmd::IncrBy {
+                key: key.to_vec(),
+                delta,
+            }),
+            Answer::Integer,
+        ),
+        Command::Expire { key, at_ms } => (
+            TxCmd::Write(WriteCmd::Expire {
+                key: key.to_vec(),
+                at_ms,
+            }),
+            Answer::Changed,
+        ),
+        Command::Get(key) => (read(&[key]), Answer::Get),
+        Command::MGet(keys) => (read(&keys), Answer::MGet),
+        Command::Exists(keys) => (read(&keys), Answer::Exists),
+        Command::Type(key) => (read(&[key]), Answer::Type),
+        Command::StrLen(key) => (read(&[key]), Answer::StrLen),
+        Command::Ttl { key, millis } => (read(&[key]), Answer::Ttl { millis }),
+        other => return Err(other),
+    })
+}
+
+fn set_cmd(s: SetArgs) -> WriteCmd {
+    WriteCmd::Set {
+        key: s.key.to_vec(),
+        value: s.value.to_vec(),
+        expiry: s.expiry,
+        cond: s.cond,
+        get_old: s.get,
+    }
+}
+
+/// A write to one partition, answered from its outcome.
+fn write_one(
+    partition: &Arc<Partition>,
+    cmd: WriteCmd,
+    answer: Answer,
+) -> BoxFuture<'static, Frame> {
+    let write = submit(partition, cmd);
+    async move {
+        match write.await {
+            Ok(outcome) => answer.reply(outcome),
+            Err(e) => write_error(&e),
+        }
+    }
+    .boxed()
+}
+
+/// A keyed read outside a transaction: each key from its own partition.
+fn read_keys(table: &Table, keys: &[Bytes], answer: Answer) -> Frame {
+    let mut values = Vec::with_capacity(keys.len());
+    for key in keys {
+        match table.partition_for(key).get(key) {
+            Ok(found) => values.push(found.map(|l| (l.value, l.expire_at_ms))),
+            Err(e) => return read_error(&e),
+        }
+    }
+    answer.read_reply(values)
 }
 
 /// [`execute`] on the blocking pool, for a command that [scans every

@@ -68,7 +68,8 @@ pub struct NodeConfig {
     /// Deadline of one etcd request. Default `3s`.
     #[serde(with = "humantime_serde")]
     pub etcd_timeout: Duration,
-    /// How often each partition looks for new duplicated writes in its inbox. Default `2ms`.
+    /// How often each partition looks for new duplicated writes in an inbox that inotify cannot
+    /// watch; a watched inbox wakes its applier as each batch becomes durable. Default `2ms`.
     #[serde(with = "humantime_serde")]
     pub inbox_apply_interval: Duration,
     /// How often plog segments that every duplication confirmed are deleted. Default `10s`.

@@ -5,8 +5,13 @@
 //! and answers strictly in order. A read that follows unfinished writes of the same connection
 //! waits for them (read-your-writes). Replies are flushed once per batch, not once per reply.
 //!
+//! Between MULTI and EXEC the connection only queues commands (answering `+QUEUED`, or the
+//! error that will make EXEC answer `-EXECABORT`); EXEC hands the queue and the WATCHed
+//! versions to [`commands::start_exec`], and its reply takes its place in order like a write's.
+//!
 //! Requests are framed by [`ferry_resp::RequestCodec`].
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,8 +32,10 @@ use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::commands::{self, Class, Command};
+use crate::commands::{self, Class, CmdError, Command, Reply};
 use crate::Node;
+use ferry_proto::limits::MAX_WRITE_BYTES;
+use ferry_proto::Timetag;
 
 /// Commands of one connection in flight at once before it stops reading more.
 const MAX_PENDING: usize = 1024;
@@ -37,6 +44,10 @@ const MAX_OUTPUT_BYTES: usize = 16 << 20;
 /// Past this many reply bytes, write what the socket takes now instead of waiting for the
 /// batch to end (a long pipeline of reads would otherwise be answered in one burst at its end).
 const EAGER_WRITE_BYTES: usize = 64 << 10;
+/// Most commands one transaction may queue. Its size is bounded too: the queued arguments,
+/// counted with [`QUEUED_ARG_OVERHEAD`] each, may not pass the partition's write limit.
+const MAX_QUEUED: usize = 1 << 16;
+const QUEUED_ARG_OVERHEAD: usize = 16;
 
 /// Accepts clients until `shutdown` is cancelled; returns the connection tasks still running,
 /// which finish their in-flight commands and close on their own once `shutdown` is cancelled.
@@ -121,12 +132,27 @@ struct Connection {
     /// Encoded replies not yet written.
     out: BytesMut,
     /// Replies in request order: writes in flight, and answers queued behind them.
-    pending: FuturesOrdered<BoxFuture<'static, Frame>>,
+    pending: FuturesOrdered<BoxFuture<'static, Reply>>,
     /// A read waiting for the writes before it to finish.
     stalled: Option<Command>,
     /// No more requests are read (QUIT, end of input, protocol error or shutdown); the
     /// connection closes once everything before is answered.
     closing: bool,
+    /// Between MULTI and EXEC: the commands queued so far.
+    multi: Option<Transaction>,
+    /// WATCHed keys and the version each had then (see [`commands::watch`]), until EXEC,
+    /// DISCARD or UNWATCH.
+    watched: BTreeMap<Bytes, Option<Timetag>>,
+}
+
+/// A transaction being queued, between MULTI and EXEC.
+#[derive(Default)]
+struct Transaction {
+    queued: Vec<Command>,
+    /// The queued arguments' bytes, counted as for [`MAX_QUEUED`].
+    bytes: usize,
+    /// A command was refused while queuing: EXEC answers `-EXECABORT` and runs nothing.
+    aborted: bool,
 }
 
 /// Connection ids, as HELLO answers them.
@@ -134,7 +160,7 @@ static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 
 enum Event {
     Request(Option<Result<Vec<Bytes>, ProtocolError>>),
-    Replied(Frame),
+    Replied(Reply),
     Wrote(io::Result<usize>),
     Shutdown,
 }
@@ -153,6 +179,8 @@ impl Connection {
             pending: FuturesOrdered::new(),
             stalled: None,
             closing: false,
+            multi: None,
+            watched: BTreeMap::new(),
         }
     }
 
@@ -205,7 +233,7 @@ impl Connection {
                 }
                 // The client closed its side; still answer what it sent.
                 Event::Request(None) => self.closing = true,
-                Event::Replied(reply) => self.encode(reply),
+                Event::Replied(reply) => self.encode_reply(reply),
                 Event::Wrote(n) => match n? {
                     0 => return Err(io::ErrorKind::WriteZero.into()),
                     n => self.out.advance(n),
@@ -216,17 +244,21 @@ impl Connection {
     }
 
     fn request(&mut self, args: Vec<Bytes>) {
-        let node = &self.node;
-        node.metrics
+        self.node
+            .metrics
             .command(args.first().and_then(|name| commands::spec_index(name)));
-        let cmd = match commands::parse(&args, ferry_engine::clock::wall_ms()) {
-            Ok(cmd) => cmd,
-            Err(e) => return self.reply(e.to_frame()),
-        };
+        let parsed = commands::parse(&args, ferry_engine::clock::wall_ms());
+        if self.multi.is_some() {
+            return self.queue(parsed, &args);
+        }
+        self.dispatch_parsed(parsed);
+    }
+
+    fn dispatch(&mut self, cmd: Command) {
         match cmd.class() {
             Class::Write => {
-                let write = commands::start_write(node, cmd);
-                self.pending.push_back(write);
+                let write = commands::start_write(&self.node, cmd);
+                self.pending.push_back(write.map(Reply::Frame).boxed());
             }
             Class::Read if !self.pending.is_empty() => self.stalled = Some(cmd),
             Class::Read | Class::Immediate => self.read(cmd),
@@ -234,7 +266,100 @@ impl Connection {
                 self.reply(commands::ok());
                 self.closing = true;
             }
+            Class::Transaction => self.transaction(cmd),
         }
+    }
+
+    /// Inside MULTI: queues the command, or refuses it (and EXEC will answer `-EXECABORT`).
+    /// EXEC, DISCARD and QUIT run at once; a nested MULTI is refused without aborting.
+    fn queue(&mut self, parsed: Result<Command, CmdError>, args: &[Bytes]) {
+        let cmd = match parsed {
+            Ok(cmd @ (Command::Exec | Command::Discard | Command::Quit)) => {
+                return self.dispatch(cmd)
+            }
+            Ok(Command::Multi) => {
+                return self.reply(commands::error("ERR MULTI calls can not be nested"))
+            }
+            other => other,
+        };
+        let Some(tx) = self.multi.as_mut() else {
+            // Not reached: the caller checked that a transaction is open.
+            return self.dispatch_parsed(cmd);
+        };
+        let name = args.first().map_or(&b""[..], |n| &n[..]);
+        let bytes: usize = args.iter().map(|a| a.len() + QUEUED_ARG_OVERHEAD).sum();
+        let checked = cmd.and_then(|cmd| {
+            cmd.queueable(name)?;
+            if tx.queued.len() >= MAX_QUEUED || tx.bytes.saturating_add(bytes) > MAX_WRITE_BYTES {
+                return Err(CmdError::Unsupported(format!(
+                    "the transaction is larger than ferry takes ({MAX_QUEUED} commands or {MAX_WRITE_BYTES} bytes); split it into smaller ones"
+                )));
+            }
+            Ok(cmd)
+        });
+        let reply = match checked {
+            Ok(cmd) => {
+                tx.queued.push(cmd);
+                tx.bytes += bytes;
+                Frame::SimpleString(Bytes::from_static(b"QUEUED"))
+            }
+            Err(e) => {
+                tx.aborted = true;
+                e.to_frame()
+            }
+        };
+        self.reply(reply);
+    }
+
+    /// Runs a parsed request outside a transaction, or answers its error.
+    fn dispatch_parsed(&mut self, parsed: Result<Command, CmdError>) {
+        match parsed {
+            Ok(cmd) => self.dispatch(cmd),
+            Err(e) => self.reply(e.to_frame()),
+        }
+    }
+
+    /// MULTI, EXEC, DISCARD and UNWATCH.
+    fn transaction(&mut self, cmd: Command) {
+        let reply = match cmd {
+            Command::Multi => {
+                self.multi = Some(Transaction::default());
+                commands::ok()
+            }
+            // EXEC ends the transaction and forgets the watches, whatever it answers (as in
+            // Redis, an EXEC without MULTI leaves the watches).
+            Command::Exec => match self.multi.take() {
+                None => commands::error("ERR EXEC without MULTI"),
+                Some(tx) => {
+                    let watched = std::mem::take(&mut self.watched);
+                    if tx.aborted {
+                        commands::error(
+                            "EXECABORT Transaction discarded because of previous errors.",
+                        )
+                    } else {
+                        let watched = watched.into_iter().collect();
+                        let exec = commands::start_exec(&self.node, watched, tx.queued);
+                        self.pending.push_back(exec);
+                        return;
+                    }
+                }
+            },
+            Command::Discard => match self.multi.take() {
+                None => commands::error("ERR DISCARD without MULTI"),
+                Some(_) => {
+                    self.watched.clear();
+                    commands::ok()
+                }
+            },
+            Command::Unwatch => {
+                self.watched.clear();
+                commands::ok()
+            }
+            other => commands::error(format!(
+                "ERR internal error: {other:?} is not a transaction command"
+            )),
+        };
+        self.reply(reply);
     }
 
     /// Answers a read: at once, or from the blocking pool when it scans every partition.
@@ -246,9 +371,13 @@ impl Connection {
             let reply = commands::hello(proto, self.id);
             return self.encode_as(reply, true);
         }
+        if let Command::Watch(keys) = cmd {
+            let reply = commands::watch(&self.node, &mut self.watched, keys);
+            return self.reply(reply);
+        }
         if cmd.scans_every_partition() {
             let reply = commands::execute_blocking(self.node.clone(), cmd);
-            self.pending.push_back(reply);
+            self.pending.push_back(reply.map(Reply::Frame).boxed());
         } else {
             let reply = commands::execute(&self.node, cmd);
             self.reply(reply);
@@ -261,7 +390,15 @@ impl Connection {
             self.encode(frame);
         } else {
             self.pending
-                .push_back(futures::future::ready(frame).boxed());
+                .push_back(futures::future::ready(Reply::Frame(frame)).boxed());
+        }
+    }
+
+    fn encode_reply(&mut self, reply: Reply) {
+        match reply {
+            Reply::Frame(frame) => self.encode(frame),
+            Reply::NullArray if self.resp3.is_some() => self.encode(Frame::Null),
+            Reply::NullArray => self.out.extend_from_slice(b"*-1\r\n"),
         }
     }
 

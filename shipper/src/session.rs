@@ -5,9 +5,9 @@
 //! window of batches, the small-batch hold, heartbeats, the ack timeout, FAIL_SKIP's carry-over
 //! and the lag bookkeeping. This module is its driver: it finds the receiver, opens the stream,
 //! decides where to resume after the `Welcome` (see [`crate::resume`]), reads the plog when the
-//! session asks, wakes on the node's committed marker (inotify, 50 ms fallback) and on the
-//! session's timers, and reports what was confirmed. The session ends with a [`Failure`]; the
-//! partition task decides by fail mode what comes next.
+//! session asks, wakes on the node's committed marker (inotify; a look every second anyway, every
+//! 50 ms without inotify) and on the session's timers, and reports what was confirmed. The
+//! session ends with a [`Failure`]; the partition task decides by fail mode what comes next.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -32,8 +32,12 @@ use crate::server::Shared;
 use crate::status::{Key, State};
 use crate::tail;
 
-/// How long to wait for the committed marker before looking again anyway.
+/// How long to wait for the committed marker before looking again anyway, when inotify cannot
+/// watch the plog directory.
 pub const FALLBACK_POLL: Duration = Duration::from_millis(50);
+/// The same with an inotify watch: a look now and then covers an overflowed event queue, and an
+/// idle partition costs next to nothing.
+pub const WATCHED_POLL: Duration = Duration::from_secs(1);
 
 /// Everything one session needs.
 pub struct SessionCtx {
@@ -287,7 +291,7 @@ async fn drive(
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now).into()), if deadline.is_some() => {
                 session.handle_timeout(Instant::now());
             }
-            _ = sub.changed(FALLBACK_POLL) => {}
+            _ = sub.changed(if sub.is_watched() { WATCHED_POLL } else { FALLBACK_POLL }) => {}
         }
     }
 }

@@ -44,6 +44,10 @@ impl SourceProgress {
 /// A user key and its stored value bytes.
 pub type KeyValue = (Box<[u8]>, Box<[u8]>);
 
+/// Stored values of this many bytes or more go to RocksDB's blob files instead of SST blocks.
+/// Far above a typical value (so most reads touch one block), far below the largest ones.
+pub const BLOB_MIN_BYTES: u64 = 16 << 10;
+
 pub struct Engine {
     db: Arc<DB>,
     dir: PathBuf,
@@ -58,6 +62,12 @@ impl Engine {
         opts.create_if_missing(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
+        // Large values live in blob files, so a small key never shares an SST block with one: a
+        // GET of it reads a block of a few KiB, not the megabytes of a neighbour's value.
+        opts.set_enable_blob_files(true);
+        opts.set_min_blob_size(BLOB_MIN_BYTES);
+        opts.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_enable_blob_gc(true);
         // Meta keys must stay behind data on flush: both are in the default CF, so they are.
         let retention_us = tombstone_retention.as_micros() as u64;
         opts.set_compaction_filter(

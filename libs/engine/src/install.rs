@@ -175,8 +175,8 @@ fn re_split(
     Ok(report)
 }
 
-/// Makes `to` a copy of the database `from` (a verified checkpoint): SST files hard-linked (RocksDB
-/// never changes one), the small rest copied, so opening it cannot touch the staged files; its
+/// Makes `to` a copy of the database `from` (a verified checkpoint): SST and blob files
+/// hard-linked (RocksDB never changes one), the small rest copied, so opening it cannot touch the staged files; its
 /// identity is left out, so the copy gets its own.
 /// Returns the bytes of the SST files.
 fn link_database(from: &Path, to: &Path) -> Result<u64, StoreError> {
@@ -190,7 +190,7 @@ fn link_database(from: &Path, to: &Path) -> Result<u64, StoreError> {
             // A new database of its own: RocksDB makes a new identity on open.
             continue;
         }
-        if src.extension().is_some_and(|e| e == "sst") {
+        if src.extension().is_some_and(|e| e == "sst" || e == "blob") {
             // A copy where the staging is on another file system.
             fs::hard_link(&src, &dst)
                 .or_else(|_| fs::copy(&src, &dst).map(drop))

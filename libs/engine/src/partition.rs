@@ -110,6 +110,27 @@ pub enum WriteCmd {
         key: Vec<u8>,
         at_ms: Option<u64>,
     },
+    /// A transaction (MULTI/EXEC), all of its keys in this partition. If any `watched` key's
+    /// stored version differs from the one given (see [`Partition::version`]), nothing runs
+    /// and the outcome is [`WriteOutcome::WatchChanged`]. Otherwise `cmds` run in order, each
+    /// seeing the effects of the ones before, and their ops go into **one** record: one
+    /// decree, one timetag, so the transaction is made durable, applied and duplicated whole.
+    /// A command that fails on the data (INCR of a non-integer) writes nothing and the others
+    /// still apply, as in Redis.
+    Multi {
+        watched: Vec<(Vec<u8>, Option<Timetag>)>,
+        cmds: Vec<TxCmd>,
+    },
+}
+
+/// One command of a [`WriteCmd::Multi`].
+#[derive(Debug, Clone)]
+pub enum TxCmd {
+    /// A write, resolved as it would be on its own.
+    Write(WriteCmd),
+    /// Reads the live values of keys, seeing the transaction's earlier writes. The outcome is
+    /// [`WriteOutcome::Values`].
+    Read { keys: Vec<Vec<u8>> },
 }
 
 impl WriteCmd {
@@ -119,6 +140,48 @@ impl WriteCmd {
             WriteCmd::MSet { pairs } => pairs.iter().map(|(k, v)| k.len() + v.len() + 17).sum(),
             WriteCmd::Del { keys } => keys.iter().map(|k| k.len() + 5).sum(),
             WriteCmd::IncrBy { key, .. } | WriteCmd::Expire { key, .. } => key.len() + 32,
+            // Reads and watches write nothing, but they are held in memory until the writer
+            // runs them, so they count too.
+            WriteCmd::Multi { watched, cmds } => {
+                let watched: usize = watched.iter().map(|(k, _)| k.len() + 9).sum();
+                let cmds: usize = cmds
+                    .iter()
+                    .map(|c| match c {
+                        TxCmd::Write(w) => w.payload_len(),
+                        TxCmd::Read { keys } => keys.iter().map(|k| k.len() + 5).sum(),
+                    })
+                    .sum();
+                watched + cmds
+            }
+        }
+    }
+
+    /// Whether the command may change data: a fenced partition refuses it. A transaction of
+    /// reads only is not refused.
+    fn writes(&self) -> bool {
+        match self {
+            WriteCmd::Multi { cmds, .. } => cmds.iter().any(|c| matches!(c, TxCmd::Write(_))),
+            _ => true,
+        }
+    }
+
+    /// The keys the command may change.
+    fn written_keys(&self) -> Vec<&[u8]> {
+        match self {
+            WriteCmd::Set { key, .. }
+            | WriteCmd::IncrBy { key, .. }
+            | WriteCmd::Expire { key, .. } => {
+                vec![key]
+            }
+            WriteCmd::MSet { pairs } => pairs.iter().map(|(k, _)| &k[..]).collect(),
+            WriteCmd::Del { keys } => keys.iter().map(|k| &k[..]).collect(),
+            WriteCmd::Multi { cmds, .. } => cmds
+                .iter()
+                .flat_map(|c| match c {
+                    TxCmd::Write(w) => w.written_keys(),
+                    TxCmd::Read { .. } => Vec::new(),
+                })
+                .collect(),
         }
     }
 }
@@ -140,6 +203,13 @@ pub enum WriteOutcome {
     NotInteger,
     /// INCRBY would overflow. Nothing was written.
     Overflow,
+    /// A transaction's read ([`TxCmd::Read`]): per key, its live value and expiry (unix ms, 0
+    /// for none), or `None`.
+    Values(Vec<Option<(Vec<u8>, u64)>>),
+    /// A transaction ran: the outcome of each of its commands, in order.
+    Multi(Vec<WriteOutcome>),
+    /// A transaction's watched key changed since it was watched. Nothing was written.
+    WatchChanged,
 }
 
 /// A live value as a read sees it.
@@ -512,6 +582,14 @@ impl Partition {
         self.engine.compact_all();
     }
 
+    /// The version of a key that WATCH remembers: the timetag stored with it, tombstones
+    /// included, or `None` when nothing is stored. Any write to the key changes it, a
+    /// duplicated one from another cluster too; an expiry alone does not (the stored value
+    /// stays until compaction purges it, which does change it).
+    pub fn version(&self, key: &[u8]) -> Result<Option<Timetag>, StoreError> {
+        self.engine.stored_timetag(key)
+    }
+
     /// The raw stored value of a key, tombstones included (for tests and tools).
     pub fn stored(&self, key: &[u8]) -> Result<Option<(Timetag, u64, Vec<u8>)>, StoreError> {
         let Some(raw) = self.engine.get_raw(key)? else {
@@ -569,6 +647,13 @@ enum Request {
     },
     Shutdown,
 }
+
+/// A group's writes so far, by key, as later writes of the group must see them: the value and
+/// expiry put, or `None` for a delete.
+type Overlay = HashMap<Vec<u8>, OverlayEntry>;
+
+/// One key's entry in an [`Overlay`].
+type OverlayEntry = Option<(Vec<u8>, u64)>;
 
 type Pending = (
     oneshot::Sender<Result<WriteOutcome, StoreError>>,
@@ -665,23 +750,22 @@ impl Writer {
             }
             return;
         }
-        if let Some(error) = &self.fenced {
-            for (_, reply) in group {
-                let _ = reply.send(Err(StoreError::Fenced(error.clone())));
-            }
-            return;
-        }
         let first_decree = self.next;
-        let mut overlay: HashMap<Vec<u8>, Option<(Vec<u8>, u64)>> = HashMap::new();
+        let mut overlay = Overlay::new();
         let mut buf = Vec::new();
         let mut batch = Batch::default();
         let mut pending: Vec<Pending> = Vec::with_capacity(group.len());
         let now_ms = clock::wall_ms();
         let mut records = 0u64;
         for (cmd, reply) in group {
+            if let Some(error) = self.fenced.as_ref().filter(|_| cmd.writes()) {
+                let _ = reply.send(Err(StoreError::Fenced(error.clone())));
+                continue;
+            }
             match self.resolve(cmd, &mut overlay, now_ms) {
                 Ok((ops, outcome)) => {
                     if !ops.is_empty() {
+                        let ops = last_op_per_key(ops);
                         let tag = Timetag::new(
                             self.clock.tick(clock::wall_us()),
                             self.opts.cluster,
@@ -786,24 +870,11 @@ impl Writer {
     fn resolve(
         &self,
         cmd: WriteCmd,
-        overlay: &mut HashMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
+        overlay: &mut Overlay,
         now_ms: u64,
     ) -> Result<(Vec<Op>, WriteOutcome), StoreError> {
-        let current = |overlay: &HashMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
-                       key: &[u8]|
-         -> Result<Option<(Vec<u8>, u64)>, StoreError> {
-            if let Some(v) = overlay.get(key) {
-                return Ok(v.clone().filter(|(_, exp)| *exp == 0 || *exp > now_ms));
-            }
-            let Some(raw) = self.engine.get_raw(key)? else {
-                return Ok(None);
-            };
-            Ok(live_from(&raw, now_ms).map(|l| (l.value, l.expire_at_ms)))
-        };
-        let put = |overlay: &mut HashMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
-                   key: Vec<u8>,
-                   value: Vec<u8>,
-                   exp: u64| {
+        let current = |overlay: &Overlay, key: &[u8]| self.current(overlay, key, now_ms);
+        let put = |overlay: &mut Overlay, key: Vec<u8>, value: Vec<u8>, exp: u64| {
             overlay.insert(key.clone(), Some((value.clone(), exp)));
             Op::Put {
                 key,
@@ -901,7 +972,85 @@ impl Writer {
                     ),
                 },
             },
+            WriteCmd::Multi { watched, cmds } => {
+                return self.resolve_multi(watched, cmds, overlay, now_ms)
+            }
         })
+    }
+
+    /// Resolves a transaction ([`WriteCmd::Multi`]) in one piece: if it fails, `overlay` is
+    /// left as it was, so the group's later writes do not see half of it.
+    fn resolve_multi(
+        &self,
+        watched: Vec<(Vec<u8>, Option<Timetag>)>,
+        cmds: Vec<TxCmd>,
+        overlay: &mut Overlay,
+        now_ms: u64,
+    ) -> Result<(Vec<Op>, WriteOutcome), StoreError> {
+        for (key, seen) in &watched {
+            // A key this group already wrote changed after any WATCH could read it: the
+            // group's writes reach RocksDB only after every one of them is resolved.
+            if overlay.contains_key(key) || self.engine.stored_timetag(key)? != *seen {
+                return Ok((Vec::new(), WriteOutcome::WatchChanged));
+            }
+        }
+        // Per key the transaction may write, its overlay entry before (`None`: it had none).
+        let saved: Vec<(Vec<u8>, Option<OverlayEntry>)> = cmds
+            .iter()
+            .flat_map(|c| match c {
+                TxCmd::Write(w) => w.written_keys(),
+                TxCmd::Read { .. } => Vec::new(),
+            })
+            .map(|k| (k.to_vec(), overlay.get(k).cloned()))
+            .collect();
+        let mut ops = Vec::new();
+        let mut outcomes = Vec::with_capacity(cmds.len());
+        let run = |overlay: &mut Overlay| -> Result<(), StoreError> {
+            for cmd in cmds {
+                match cmd {
+                    TxCmd::Write(w) => {
+                        let (more, outcome) = self.resolve(w, overlay, now_ms)?;
+                        ops.extend(more);
+                        outcomes.push(outcome);
+                    }
+                    TxCmd::Read { keys } => {
+                        let values = keys
+                            .iter()
+                            .map(|k| self.current(overlay, k, now_ms))
+                            .collect::<Result<_, _>>()?;
+                        outcomes.push(WriteOutcome::Values(values));
+                    }
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = run(overlay) {
+            for (key, before) in saved {
+                match before {
+                    Some(v) => overlay.insert(key, v),
+                    None => overlay.remove(&key),
+                };
+            }
+            return Err(e);
+        }
+        Ok((ops, WriteOutcome::Multi(outcomes)))
+    }
+
+    /// The live value and expiry of `key` as the group sees it: its earlier writes first, then
+    /// RocksDB.
+    fn current(
+        &self,
+        overlay: &Overlay,
+        key: &[u8],
+        now_ms: u64,
+    ) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        if let Some(v) = overlay.get(key) {
+            return Ok(v.clone().filter(|(_, exp)| *exp == 0 || *exp > now_ms));
+        }
+        let Some(raw) = self.engine.get_raw(key)? else {
+            return Ok(None);
+        };
+        Ok(live_from(&raw, now_ms).map(|l| (l.value, l.expire_at_ms)))
     }
 
     fn apply_dup(
@@ -1093,6 +1242,24 @@ impl ReplayBatch {
     }
 }
 
+/// The ops of one record with only the last op of each key, in order. The ops of a record
+/// share its timetag, so replay and duplicated applies (last-writer-wins by timetag) would keep
+/// the *first* op of a key and drop the rest; the last one is the key's state after the record.
+fn last_op_per_key(ops: Vec<Op>) -> Vec<Op> {
+    if ops.len() < 2 {
+        return ops;
+    }
+    let mut seen = std::collections::HashSet::with_capacity(ops.len());
+    let mut keep = vec![false; ops.len()];
+    for (op, keep) in ops.iter().zip(keep.iter_mut()).rev() {
+        *keep = seen.insert(op.key());
+    }
+    ops.into_iter()
+        .zip(keep)
+        .filter_map(|(op, keep)| keep.then_some(op))
+        .collect()
+}
+
 /// The timetag stored with an op: the record's, with the delete flag for deletes.
 fn op_timetag(record: Timetag, op: &Op) -> Timetag {
     record.with_delete(matches!(op, Op::Delete { .. }))
@@ -1187,5 +1354,176 @@ mod tests {
         assert_eq!(parse_i64(b" 1"), None);
         assert_eq!(parse_i64(b"9223372036854775808"), None);
         assert_eq!(parse_i64(b""), None);
+    }
+
+    fn open_test_partition(dir: &Path) -> Partition {
+        let cluster = ClusterId::new(1).expect("1 is a valid cluster id");
+        Partition::open(dir, PartitionId(0), PartitionOptions::new(cluster))
+            .expect("open partition")
+            .0
+    }
+
+    fn incr(key: &str) -> TxCmd {
+        TxCmd::Write(WriteCmd::IncrBy {
+            key: key.into(),
+            delta: 1,
+        })
+    }
+
+    fn set(key: &str, value: &str) -> TxCmd {
+        TxCmd::Write(WriteCmd::Set {
+            key: key.into(),
+            value: value.into(),
+            expiry: Expiry::Never,
+            cond: SetCond::Always,
+            get_old: false,
+        })
+    }
+
+    #[test]
+    fn a_record_keeps_the_last_op_of_each_key() {
+        let put = |k: &str, v: &str| Op::Put {
+            key: k.into(),
+            value: v.into(),
+            expire_at_ms: 0,
+        };
+        let del = |k: &str| Op::Delete { key: k.into() };
+        let ops = vec![
+            put("a", "1"),
+            put("b", "1"),
+            del("a"),
+            put("c", "1"),
+            put("b", "2"),
+        ];
+        assert_eq!(
+            last_op_per_key(ops),
+            vec![del("a"), put("c", "1"), put("b", "2")]
+        );
+        assert_eq!(last_op_per_key(vec![put("a", "1")]), vec![put("a", "1")]);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_is_one_record_and_sees_its_own_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open_test_partition(dir.path());
+        p.write(WriteCmd::Set {
+            key: "s".into(),
+            value: "abc".into(),
+            expiry: Expiry::Never,
+            cond: SetCond::Always,
+            get_old: false,
+        })
+        .await
+        .expect("set");
+        let before = p.committed_decree();
+        let cmds = vec![
+            incr("c"),
+            incr("s"),
+            incr("c"),
+            TxCmd::Read {
+                keys: vec![b"c".to_vec(), b"none".to_vec()],
+            },
+        ];
+        let outcome = p
+            .write(WriteCmd::Multi {
+                watched: vec![],
+                cmds,
+            })
+            .await
+            .expect("multi");
+        assert_eq!(
+            outcome,
+            WriteOutcome::Multi(vec![
+                WriteOutcome::Integer(1),
+                WriteOutcome::NotInteger,
+                WriteOutcome::Integer(2),
+                WriteOutcome::Values(vec![Some((b"2".to_vec(), 0)), None]),
+            ])
+        );
+        assert_eq!(p.committed_decree(), before.next(), "one decree");
+        assert_eq!(
+            p.get(b"c").expect("get").map(|l| l.value),
+            Some(b"2".to_vec())
+        );
+        assert_eq!(
+            p.get(b"s").expect("get").map(|l| l.value),
+            Some(b"abc".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_changed_watched_key_applies_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open_test_partition(dir.path());
+        assert_eq!(p.version(b"w").expect("version"), None);
+        let multi = |watched| WriteCmd::Multi {
+            watched,
+            cmds: vec![set("w", "mine"), set("other", "x")],
+        };
+        p.write(WriteCmd::Set {
+            key: "w".into(),
+            value: "theirs".into(),
+            expiry: Expiry::Never,
+            cond: SetCond::Always,
+            get_old: false,
+        })
+        .await
+        .expect("set");
+        let before = p.committed_decree();
+        let outcome = p
+            .write(multi(vec![(b"w".to_vec(), None)]))
+            .await
+            .expect("multi");
+        assert_eq!(outcome, WriteOutcome::WatchChanged);
+        assert_eq!(p.committed_decree(), before, "no record");
+        assert_eq!(
+            p.get(b"w").expect("get").map(|l| l.value),
+            Some(b"theirs".to_vec())
+        );
+        assert_eq!(p.get(b"other").expect("get"), None);
+
+        // With the current version it runs.
+        let seen = p.version(b"w").expect("version");
+        assert!(seen.is_some());
+        let outcome = p
+            .write(multi(vec![(b"w".to_vec(), seen)]))
+            .await
+            .expect("multi");
+        assert!(matches!(outcome, WriteOutcome::Multi(_)), "{outcome:?}");
+        assert_eq!(
+            p.get(b"w").expect("get").map(|l| l.value),
+            Some(b"mine".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fenced_partition_refuses_a_writing_transaction_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open_test_partition(dir.path());
+        p.fence(Some("TRYAGAIN fenced".into()))
+            .await
+            .expect("fence");
+        let e = p
+            .write(WriteCmd::Multi {
+                watched: vec![],
+                cmds: vec![set("a", "1")],
+            })
+            .await
+            .expect_err("refused");
+        assert!(matches!(e, StoreError::Fenced(_)), "{e:?}");
+        assert_eq!(p.get(b"a").expect("get"), None);
+        let reads = p
+            .write(WriteCmd::Multi {
+                watched: vec![],
+                cmds: vec![TxCmd::Read {
+                    keys: vec![b"a".to_vec()],
+                }],
+            })
+            .await
+            .expect("a transaction of reads runs");
+        assert_eq!(
+            reads,
+            WriteOutcome::Multi(vec![WriteOutcome::Values(vec![None])])
+        );
     }
 }

@@ -7,6 +7,7 @@
 //! - [`inbox`]: the receiver's end of one source partition's inbox log.
 //! - [`staging`]: the receiver's staging directory of an incoming checkpoint (full duplication).
 //! - [`clock`]: wall-clock readings for commit times.
+//! - [`watch`]: waking readers when a log's committed marker is written (inotify).
 
 pub mod clock;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod inbox;
 pub mod layout;
 pub mod plog;
 pub mod staging;
+pub mod watch;
 
 pub use error::LogError;
 pub use layout::Layout;
