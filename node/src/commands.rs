@@ -772,11 +772,6 @@ pub fn start_write(node: &Node, cmd: Command) -> BoxFuture<'static, Frame> {
     }
     let table = &node.table;
     match cmd {
-        Command::Set(s) => {
-            let partition = table.partition_for(&s.key);
-            let answer = Answer::Set { get: s.get };
-            write_one(partition, set_cmd(s), answer)
-        }
         Command::MSet(pairs) => {
             let writes: Vec<_> = by_partition(table, pairs, |(k, _)| k)
                 .into_iter()
@@ -830,23 +825,16 @@ pub fn start_write(node: &Node, cmd: Command) -> BoxFuture<'static, Frame> {
             }
             .boxed()
         }
-        Command::IncrBy { key, delta } => write_one(
-            table.partition_for(&key),
-            WriteCmd::IncrBy {
-                key: key.to_vec(),
-                delta,
-            },
-            Answer::Integer,
-        ),
-        Command::Expire { key, at_ms } => write_one(
-            table.partition_for(&key),
-            WriteCmd::Expire {
-                key: key.to_vec(),
-                at_ms,
-            },
-            Answer::Changed,
-        ),
-        other => future::ready(execute(node, other)).boxed(),
+        // One key, so one partition: SET, INCRBY and friends, EXPIRE and friends.
+        single => {
+            let Some(key) = single.keys().first().map(|k| (*k).clone()) else {
+                return future::ready(execute(node, single)).boxed();
+            };
+            match write_cmd(single) {
+                Ok((cmd, answer)) => write_one(table.partition_for(&key), cmd, answer),
+                Err(other) => future::ready(execute(node, other)).boxed(),
+            }
+        }
     }
 }
 
@@ -1060,46 +1048,58 @@ fn tx_cmd(cmd: Command) -> Result<(TxCmd, Answer), Command> {
     let read = |keys: &[Bytes]| TxCmd::Read {
         keys: keys.iter().map(|k| k.to_vec()).collect(),
     };
+    let cmd = match write_cmd(cmd) {
+        Ok((write, answer)) => return Ok((TxCmd::Write(write), answer)),
+        Err(cmd) => cmd,
+    };
     Ok(match cmd {
-        Command::Set(s) => {
-            let get = s.get;
-            (TxCmd::Write(set_cmd(s)), Answer::Set { get })
-        }
-        Command::MSet(pairs) => (
-            TxCmd::Write(WriteCmd::MSet {
-                pairs: pairs
-                    .into_iter()
-                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .collect(),
-            }),
-            Answer::Done,
-        ),
-        Command::Del(keys) => (
-            TxCmd::Write(WriteCmd::Del {
-                keys: keys.iter().map(|k| k.to_vec()).collect(),
-            }),
-            Answer::Deleted,
-        ),
-        Command::IncrBy { key, delta } => (
-            TxCmd::Write(WriteCmd::IncrBy {
-                key: key.to_vec(),
-                delta,
-            }),
-            Answer::Integer,
-        ),
-        Command::Expire { key, at_ms } => (
-            TxCmd::Write(WriteCmd::Expire {
-                key: key.to_vec(),
-                at_ms,
-            }),
-            Answer::Changed,
-        ),
         Command::Get(key) => (read(&[key]), Answer::Get),
         Command::MGet(keys) => (read(&keys), Answer::MGet),
         Command::Exists(keys) => (read(&keys), Answer::Exists),
         Command::Type(key) => (read(&[key]), Answer::Type),
         Command::StrLen(key) => (read(&[key]), Answer::StrLen),
         Command::Ttl { key, millis } => (read(&[key]), Answer::Ttl { millis }),
+        other => return Err(other),
+    })
+}
+
+/// A write command as its partition's writer runs it, with how to answer it; any other command
+/// comes back as it is. (MSET and DEL outside a transaction are split by partition first.)
+fn write_cmd(cmd: Command) -> Result<(WriteCmd, Answer), Command> {
+    Ok(match cmd {
+        Command::Set(s) => {
+            let get = s.get;
+            (set_cmd(s), Answer::Set { get })
+        }
+        Command::MSet(pairs) => (
+            WriteCmd::MSet {
+                pairs: pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .collect(),
+            },
+            Answer::Done,
+        ),
+        Command::Del(keys) => (
+            WriteCmd::Del {
+                keys: keys.iter().map(|k| k.to_vec()).collect(),
+            },
+            Answer::Deleted,
+        ),
+        Command::IncrBy { key, delta } => (
+            WriteCmd::IncrBy {
+                key: key.to_vec(),
+                delta,
+            },
+            Answer::Integer,
+        ),
+        Command::Expire { key, at_ms } => (
+            WriteCmd::Expire {
+                key: key.to_vec(),
+                at_ms,
+            },
+            Answer::Changed,
+        ),
         other => return Err(other),
     })
 }

@@ -50,6 +50,14 @@ fn raw_socket(node: &Node, request: &str, expected: &str) -> Result<bool> {
     Ok(got == expected.as_bytes())
 }
 
+/// The first of the keys `x1`, `x2`, ... (bounded: 1000) that `wanted` takes.
+fn key_where(wanted: impl Fn(&[u8]) -> bool) -> Result<String> {
+    (1..1000)
+        .map(|i| format!("x{i}"))
+        .find(|k| wanted(k.as_bytes()))
+        .ok_or_else(|| anyhow::anyhow!("none of x1..x999 is in the partition wanted"))
+}
+
 fn is_error(v: &Value, needle: &str) -> bool {
     matches!(v, Value::SimpleString(s) if s.starts_with("ERROR") && s.contains(needle))
 }
@@ -151,12 +159,8 @@ fn keys_in_two_partitions_are_refused_at_exec_and_nothing_applies() -> Result<()
     let node = Node::start(dir.path(), PARTITIONS, &[])?;
     let mut con = connect(&node)?;
     let first = "x0".to_string();
-    let other = (1..1000)
-        .map(|i| format!("x{i}"))
-        .find(|k| {
-            partition_of(k.as_bytes(), PARTITIONS) != partition_of(first.as_bytes(), PARTITIONS)
-        })
-        .ok_or_else(|| anyhow::anyhow!("no key in another partition"))?;
+    let other =
+        key_where(|k| partition_of(k, PARTITIONS) != partition_of(first.as_bytes(), PARTITIONS))?;
     ensure!(raw(&mut con, &["MULTI"])? == Value::Okay);
     raw(&mut con, &["SET", &first, "1"])?;
     raw(&mut con, &["SET", &other, "1"])?;
@@ -169,12 +173,8 @@ fn keys_in_two_partitions_are_refused_at_exec_and_nothing_applies() -> Result<()
     ensure!(n == 0, "nothing applied: {n} of the keys exist");
 
     // Keys of one partition are fine.
-    let same = (1..1000)
-        .map(|i| format!("x{i}"))
-        .find(|k| {
-            partition_of(k.as_bytes(), PARTITIONS) == partition_of(first.as_bytes(), PARTITIONS)
-        })
-        .ok_or_else(|| anyhow::anyhow!("no second key in the partition"))?;
+    let same =
+        key_where(|k| partition_of(k, PARTITIONS) == partition_of(first.as_bytes(), PARTITIONS))?;
     let (): () = redis::pipe()
         .atomic()
         .cmd("SET")

@@ -1370,14 +1370,23 @@ mod tests {
         })
     }
 
-    fn set(key: &str, value: &str) -> TxCmd {
-        TxCmd::Write(WriteCmd::Set {
+    fn set_cmd(key: &str, value: &str) -> WriteCmd {
+        WriteCmd::Set {
             key: key.into(),
             value: value.into(),
             expiry: Expiry::Never,
             cond: SetCond::Always,
             get_old: false,
-        })
+        }
+    }
+
+    fn set(key: &str, value: &str) -> TxCmd {
+        TxCmd::Write(set_cmd(key, value))
+    }
+
+    /// The live value of `key`.
+    fn value(p: &Partition, key: &[u8]) -> Option<Vec<u8>> {
+        p.get(key).expect("get").map(|l| l.value)
     }
 
     #[test]
@@ -1406,15 +1415,7 @@ mod tests {
     async fn a_transaction_is_one_record_and_sees_its_own_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = open_test_partition(dir.path());
-        p.write(WriteCmd::Set {
-            key: "s".into(),
-            value: "abc".into(),
-            expiry: Expiry::Never,
-            cond: SetCond::Always,
-            get_old: false,
-        })
-        .await
-        .expect("set");
+        p.write(set_cmd("s", "abc")).await.expect("set");
         let before = p.committed_decree();
         let cmds = vec![
             incr("c"),
@@ -1441,14 +1442,8 @@ mod tests {
             ])
         );
         assert_eq!(p.committed_decree(), before.next(), "one decree");
-        assert_eq!(
-            p.get(b"c").expect("get").map(|l| l.value),
-            Some(b"2".to_vec())
-        );
-        assert_eq!(
-            p.get(b"s").expect("get").map(|l| l.value),
-            Some(b"abc".to_vec())
-        );
+        assert_eq!(value(&p, b"c"), Some(b"2".to_vec()));
+        assert_eq!(value(&p, b"s"), Some(b"abc".to_vec()));
     }
 
     #[tokio::test]
@@ -1460,15 +1455,7 @@ mod tests {
             watched,
             cmds: vec![set("w", "mine"), set("other", "x")],
         };
-        p.write(WriteCmd::Set {
-            key: "w".into(),
-            value: "theirs".into(),
-            expiry: Expiry::Never,
-            cond: SetCond::Always,
-            get_old: false,
-        })
-        .await
-        .expect("set");
+        p.write(set_cmd("w", "theirs")).await.expect("set");
         let before = p.committed_decree();
         let outcome = p
             .write(multi(vec![(b"w".to_vec(), None)]))
@@ -1476,10 +1463,7 @@ mod tests {
             .expect("multi");
         assert_eq!(outcome, WriteOutcome::WatchChanged);
         assert_eq!(p.committed_decree(), before, "no record");
-        assert_eq!(
-            p.get(b"w").expect("get").map(|l| l.value),
-            Some(b"theirs".to_vec())
-        );
+        assert_eq!(value(&p, b"w"), Some(b"theirs".to_vec()));
         assert_eq!(p.get(b"other").expect("get"), None);
 
         // With the current version it runs.
@@ -1490,10 +1474,7 @@ mod tests {
             .await
             .expect("multi");
         assert!(matches!(outcome, WriteOutcome::Multi(_)), "{outcome:?}");
-        assert_eq!(
-            p.get(b"w").expect("get").map(|l| l.value),
-            Some(b"mine".to_vec())
-        );
+        assert_eq!(value(&p, b"w"), Some(b"mine".to_vec()));
     }
 
     #[tokio::test]
