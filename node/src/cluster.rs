@@ -101,6 +101,7 @@ pub async fn join(
     stage.set(Stage::Registering);
     let mut info = NodeInfo::new(&name, &config.resp_addr.to_string());
     info.http_addr = Some(http_addr.to_string());
+    info.table = Some(config.table.clone());
     let registration = loop {
         match register_node(&meta, info.clone(), config.lease_ttl).await {
             Ok(r) => break r,

@@ -105,6 +105,12 @@ pub static SPECS: &[Spec] = &[
         &["noscript", "loading", "stale", "fast"],
         NOKEYS,
     ),
+    spec(
+        "auth",
+        -2,
+        &["noscript", "loading", "stale", "fast", "no_auth"],
+        NOKEYS,
+    ),
     spec("multi", 1, TX, NOKEYS),
     spec("exec", 1, &["noscript", "loading", "stale"], NOKEYS),
     spec("discard", 1, TX, NOKEYS),
@@ -167,9 +173,18 @@ pub enum Command {
     ClientOk,
     /// `CLIENT GETNAME`.
     ClientGetName,
-    /// `HELLO [2|3] [SETNAME name]`: the protocol the connection answers in from here (the
-    /// current one if not given). The connection carries it out ([`crate::resp`]).
-    Hello(Option<u8>),
+    /// `HELLO [2|3] [AUTH user pass] [SETNAME name]`: the protocol the connection answers in
+    /// from here (the current one if not given), after authenticating if AUTH is given. The
+    /// connection carries it out ([`crate::resp`]).
+    Hello {
+        proto: Option<u8>,
+        auth: Option<(Bytes, Bytes)>,
+    },
+    /// `AUTH [user] password`: the connection carries it out ([`crate::auth`]).
+    Auth {
+        user: Option<Bytes>,
+        password: Bytes,
+    },
     /// MULTI, EXEC, DISCARD, UNWATCH: the connection carries them out ([`crate::resp`]).
     Multi,
     Exec,
@@ -230,7 +245,8 @@ impl Command {
             Ping(_) | Echo(_) | Select | CommandInfo(_) | ConfigGet(_) | ClientOk
             | ClientGetName => Class::Immediate,
             // Like a read, after the earlier replies: the protocol changes between two of them.
-            Hello(_) => Class::Read,
+            Hello { .. } => Class::Read,
+            Auth { .. } => Class::Immediate,
             // A read of the keys' versions: it must see the connection's earlier writes.
             Watch(_) => Class::Read,
             Multi | Exec | Discard | Unwatch => Class::Transaction,
@@ -282,16 +298,6 @@ impl Command {
             ))),
         }
     }
-
-    /// Whether answering reads every partition whole (DBSIZE, INFO with its keyspace section):
-    /// such a command runs on the blocking pool ([`execute_blocking`]), not on a runtime thread.
-    pub fn scans_every_partition(&self) -> bool {
-        match self {
-            Command::DbSize => true,
-            Command::Info(sections) => info_wants(sections, "keyspace"),
-            _ => false,
-        }
-    }
 }
 
 /// A request the node refuses, with Redis's wording (without the leading `-`).
@@ -316,6 +322,8 @@ pub enum CmdError {
     Unsupported(String),
     /// HELLO with a protocol version other than 2 and 3.
     NoProto,
+    /// A whole error line (`NOAUTH ...`, `NOPERM ...`): refused for who the client is.
+    Denied(String),
 }
 
 impl fmt::Display for CmdError {
@@ -345,6 +353,7 @@ impl fmt::Display for CmdError {
                 )
             }
             CmdError::Unsupported(sentence) => write!(f, "ERR {sentence}"),
+            CmdError::Denied(line) => f.write_str(line),
         }
     }
 }
@@ -531,19 +540,34 @@ pub fn parse(args: &[Bytes], now_ms: u64) -> Result<Command, CmdError> {
                 },
             };
             let mut opts = rest.iter().skip(1);
+            let mut auth = None;
             while let Some(opt) = opts.next() {
                 if opt.eq_ignore_ascii_case(b"setname") {
                     opts.next().ok_or(CmdError::Syntax)?;
                 } else if opt.eq_ignore_ascii_case(b"auth") {
-                    return Err(CmdError::Unsupported(
-                        "HELLO AUTH: the node has no users or passwords yet; connect without AUTH (bind the client port to an address only your applications reach)".into(),
-                    ));
+                    let user = opts.next().ok_or(CmdError::Syntax)?;
+                    let pass = opts.next().ok_or(CmdError::Syntax)?;
+                    auth = Some((user.clone(), pass.clone()));
                 } else {
                     return Err(CmdError::Syntax);
                 }
             }
-            Command::Hello(protover)
+            Command::Hello {
+                proto: protover,
+                auth,
+            }
         }
+        "auth" => match rest {
+            [password] => Command::Auth {
+                user: None,
+                password: password.clone(),
+            },
+            [user, password] => Command::Auth {
+                user: Some(user.clone()),
+                password: password.clone(),
+            },
+            _ => return Err(CmdError::Syntax),
+        },
         "multi" => Command::Multi,
         "exec" => Command::Exec,
         "discard" => Command::Discard,
@@ -745,7 +769,9 @@ pub fn execute(node: &Node, cmd: Command) -> Frame {
         Command::Info(sections) => Frame::BulkString(info(node, &sections).into()),
         Command::Quit | Command::Select | Command::ClientOk => ok(),
         Command::ClientGetName => Frame::Null,
-        Command::Hello(proto) => hello(proto.unwrap_or(2), 0),
+        Command::Hello { proto, .. } => hello(proto.unwrap_or(2), 0),
+        // The connection answers AUTH itself; reached only by a bug.
+        Command::Auth { .. } => error("ERR internal error: AUTH outside a connection"),
         Command::CommandInfo(sub) => command_info(sub),
         Command::ConfigGet(patterns) => config_get(node, &patterns),
         Command::Set(_)
@@ -842,6 +868,8 @@ pub fn start_write(node: &Node, cmd: Command) -> BoxFuture<'static, Frame> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     Frame(Frame),
+    /// The replies of a batch of reads from the read pool, in order.
+    Reads(crate::reads::Done),
     /// RESP2's null array (`*-1`), which [`Frame`] cannot express: EXEC's answer when a watched
     /// key changed. RESP3 has a single null and sends that.
     NullArray,
@@ -1142,15 +1170,31 @@ fn read_keys(table: &Table, keys: &[Bytes], answer: Answer) -> Frame {
     answer.read_reply(values)
 }
 
-/// [`execute`] on the blocking pool, for a command that [scans every
-/// partition](Command::scans_every_partition).
-pub fn execute_blocking(node: Arc<Node>, cmd: Command) -> BoxFuture<'static, Frame> {
-    async move {
-        tokio::task::spawn_blocking(move || execute(&node, cmd))
-            .await
-            .unwrap_or_else(|e| error(format!("ERR internal error: the command failed ({e})")))
+/// The reply of a keyed read or a command that reads nothing, if it can be made from memory
+/// alone (the memtables and the block cache): such a command is answered on the spot. `None`
+/// for a command that would read the disk or scans, which goes to the read pool.
+pub fn execute_cached(node: &Node, cmd: &Command) -> Option<Frame> {
+    let (keys, answer) = match cmd {
+        Command::Get(key) => (std::slice::from_ref(key), Answer::Get),
+        Command::MGet(keys) => (&keys[..], Answer::MGet),
+        Command::Exists(keys) => (&keys[..], Answer::Exists),
+        Command::Type(key) => (std::slice::from_ref(key), Answer::Type),
+        Command::StrLen(key) => (std::slice::from_ref(key), Answer::StrLen),
+        Command::Ttl { key, millis } => {
+            (std::slice::from_ref(key), Answer::Ttl { millis: *millis })
+        }
+        cmd if cmd.class() == Class::Immediate => return Some(execute(node, cmd.clone())),
+        _ => return None,
+    };
+    let mut values = Vec::with_capacity(keys.len());
+    for key in keys {
+        match node.table.partition_for(key).get_cached(key) {
+            Ok(Some(found)) => values.push(found.map(|l| (l.value, l.expire_at_ms))),
+            Ok(None) => return None,
+            Err(e) => return Some(read_error(&e)),
+        }
     }
-    .boxed()
+    Some(answer.read_reply(values))
 }
 
 /// Sends a write to its partition now (by polling the write future once) and returns the rest

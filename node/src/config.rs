@@ -14,6 +14,7 @@ use ferry_proto::ClusterId;
 use serde::{Deserialize, Serialize};
 
 use ferry_engine::partition::PartitionOptions;
+use ferry_log::nodelog;
 
 /// Most partitions one node may host; a bound so a typo cannot open a million RocksDB instances.
 pub const MAX_PARTITIONS: u32 = 4096;
@@ -42,6 +43,10 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// A plog segment rolls over at this size, in bytes. Default 64 MiB.
     pub plog_segment_bytes: u64,
+    /// Size in bytes of each segment of the node's commit log (`<data_dir>/.nodelog`), the one
+    /// log every partition's group commits share. Each segment takes this much disk from the
+    /// start (it is written full of zeros, so its fsyncs change no metadata). Default 32 MiB.
+    pub commit_log_segment_bytes: u64,
     /// How long tombstones are kept before compaction may purge them, e.g. `"24h"`. Default 24h.
     /// It must exceed the longest duplication lag you tolerate, or a late duplicated write could
     /// resurrect a deleted key.
@@ -84,6 +89,23 @@ pub struct NodeConfig {
     /// from a fresh checkpoint (or stop with an alarm, `shipper.on_log_gone`). 0: no limit.
     /// Default 64 GiB.
     pub plog_hold_max_bytes: u64,
+    /// The password of the `default` user, as Redis's `requirepass`. Set (or with `users`),
+    /// clients must `AUTH` (or `HELLO ... AUTH`) before any other command. Default: none, and
+    /// anyone who reaches the client port may read and write.
+    pub requirepass: Option<String>,
+    /// More users, each `{ name, password, readonly }`; a `readonly` user may only read.
+    pub users: Vec<UserConfig>,
+}
+
+/// A client user (`[[users]]` in the node's config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: String,
+    /// Reads only: every write is refused with `-NOPERM`. Default false.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 impl Default for NodeConfig {
@@ -101,6 +123,7 @@ impl Default for NodeConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 9180)),
             max_connections: 10_000,
             plog_segment_bytes: partition.plog_segment_bytes,
+            commit_log_segment_bytes: nodelog::DEFAULT_SEGMENT_BYTES,
             tombstone_retention: partition.tombstone_retention,
             max_group_writes: partition.max_group_writes,
             shutdown_grace: Duration::from_secs(10),
@@ -113,6 +136,8 @@ impl Default for NodeConfig {
             plog_gc_interval: Duration::from_secs(10),
             plog_retain_decrees: 0,
             plog_hold_max_bytes: 64 << 30,
+            requirepass: None,
+            users: Vec::new(),
         }
     }
 }
@@ -155,6 +180,9 @@ pub struct NodeArgs {
     /// Plog segment size in bytes.
     #[arg(long)]
     pub plog_segment_bytes: Option<u64>,
+    /// Commit log segment size in bytes.
+    #[arg(long)]
+    pub commit_log_segment_bytes: Option<u64>,
     /// How long tombstones are kept, e.g. 24h.
     #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration)]
     pub tombstone_retention: Option<Duration>,
@@ -248,6 +276,7 @@ impl NodeConfig {
             http_addr,
             max_connections,
             plog_segment_bytes,
+            commit_log_segment_bytes,
             tombstone_retention,
             max_group_writes,
             shutdown_grace
@@ -321,6 +350,35 @@ impl NodeConfig {
                     "must be at least 65536 (64 KiB), not {}",
                     self.plog_segment_bytes
                 ),
+            );
+        }
+        if !(nodelog::MIN_SEGMENT_BYTES..=u32::MAX as u64).contains(&self.commit_log_segment_bytes)
+        {
+            return invalid(
+                "commit_log_segment_bytes",
+                format!(
+                    "must be between {} (1 MiB) and {} (4 GiB), not {}",
+                    nodelog::MIN_SEGMENT_BYTES,
+                    u32::MAX,
+                    self.commit_log_segment_bytes
+                ),
+            );
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() || u.name == "default" || u.password.is_empty() {
+                return invalid(
+                    "users",
+                    format!("entry {i} needs a `name` other than `default` (whose password is `requirepass`) and a non-empty `password`"),
+                );
+            }
+            if self.users[..i].iter().any(|o| o.name == u.name) {
+                return invalid("users", format!("user `{}` is named twice", u.name));
+            }
+        }
+        if self.requirepass.as_deref() == Some("") {
+            return invalid(
+                "requirepass",
+                "is empty; remove it, or set a password".into(),
             );
         }
         if self.max_group_writes == 0 {

@@ -66,6 +66,7 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
             &node.table,
             node.config.plog_hold_max_bytes,
             node.write_block().is_some(),
+            node.commit_log.as_ref().map(|l| l.stats()),
         ),
         None => String::from("# EOF\n"),
     };

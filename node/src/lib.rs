@@ -1,7 +1,8 @@
 //! ferry's storage node, the `node` process: serves one table over RESP, with an HTTP port for health and metrics.
 //!
 //! Start-up, in order (each step observable in the log and on `/health`):
-//! 1. validate the config;
+//! 1. validate the config, and open the commit log ([`ferry_log::nodelog`]), which first writes
+//!    back into the plogs whatever a crash took from their unsynced tails;
 //! 2. open the HTTP port (`/health` reports the stage from here on);
 //! 3. in a cluster (`etcd_endpoints` set): connect to etcd, check the config against the stored
 //!    one, register under a lease, wait until the table is placed on this node ([`cluster`]);
@@ -17,9 +18,11 @@
 //! - [`config`]: the TOML config and the flags.
 //! - [`resp`]: connections and the request codec.
 //! - [`commands`]: what each command does.
+//! - [`reads`]: the read pool, where reads run in batches, off the async workers.
 //! - [`scan`]: SCAN cursors and glob patterns.
 //! - [`http`], [`metrics`]: `/health` and `/metrics`.
 
+pub mod auth;
 pub mod cluster;
 pub mod commands;
 pub mod config;
@@ -28,6 +31,7 @@ pub mod inbox_apply;
 pub mod install;
 pub mod metrics;
 pub mod prepare;
+pub mod reads;
 pub mod rebootstrap;
 pub mod resp;
 pub mod scan;
@@ -47,6 +51,7 @@ pub use config::{NodeArgs, NodeConfig};
 use crate::metrics::Metrics;
 use crate::scan::CursorTable;
 use ferry_engine::table::Table;
+use ferry_log::nodelog::NodeLog;
 
 /// Everything a connection or an HTTP handler needs, shared.
 pub struct Node {
@@ -62,12 +67,19 @@ pub struct Node {
     write_blocked: std::sync::atomic::AtomicBool,
     /// Inbox restarts by a re-bootstrap: the inbox appliers start over when it moves.
     pub inbox_resets: Arc<std::sync::atomic::AtomicU64>,
+    /// The commit log the partitions share (for its metrics).
+    pub commit_log: Option<Arc<NodeLog>>,
+    /// Where client reads run.
+    pub reads: reads::ReadPool,
+    /// Who clients may authenticate as.
+    pub users: auth::Users,
 }
 
 impl Node {
     pub fn new(config: NodeConfig, table: Table, resp_addr: SocketAddr) -> Node {
         // Cursor ids from different runs should not collide: start from the clock.
         let first_cursor = ferry_engine::clock::wall_ms() % (1 << 40) * 1000;
+        let users = auth::Users::from_config(&config);
         Node {
             config,
             table,
@@ -78,6 +90,9 @@ impl Node {
             write_block: parking_lot::RwLock::new(None),
             write_blocked: std::sync::atomic::AtomicBool::new(false),
             inbox_resets: Arc::default(),
+            commit_log: None,
+            reads: reads::ReadPool::for_this_machine(),
+            users,
         }
     }
 
@@ -193,6 +208,9 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
 
     check_partition_count(&config)?;
     check_data_dir_identity(&config)?;
+    let commit_log = open_commit_log(&config).await?;
+    let mut opts = opts;
+    opts.commit_log = Some(commit_log.clone());
 
     // 1. The HTTP port first, so `/health` shows every stage that follows.
     let http_listener = TcpListener::bind(config.http_addr)
@@ -280,7 +298,9 @@ pub async fn serve(config: NodeConfig, shutdown: CancellationToken) -> anyhow::R
         .local_addr()
         .context("read the RESP port's address")?;
     let grace = config.shutdown_grace;
-    let node = Arc::new(Node::new(config, table, resp_addr));
+    let mut node = Node::new(config, table, resp_addr);
+    node.commit_log = Some(commit_log);
+    let node = Arc::new(node);
     let _ = slot.set(node.clone());
 
     // Background work: apply duplicated writes, follow the table's state, collect the plog.
@@ -460,6 +480,36 @@ fn check_data_dir_identity(config: &NodeConfig) -> anyhow::Result<()> {
         }
         Err(e) => Err(anyhow!("read {}: {e}", path.display())),
     }
+}
+
+/// Opens the node's commit log before anything else looks at a partition: it first writes back
+/// into each plog the records a crash took from its unsynced tail.
+async fn open_commit_log(config: &NodeConfig) -> anyhow::Result<Arc<NodeLog>> {
+    let (dir, bytes) = (config.data_dir.clone(), config.commit_log_segment_bytes);
+    let t = Instant::now();
+    let (log, report) = tokio::task::spawn_blocking(move || NodeLog::open(&dir, bytes))
+        .await
+        .context("join the commit-log thread")?
+        .map_err(|e| {
+            anyhow!(
+                "cannot open the node's commit log in {}: {e}",
+                config
+                    .data_dir
+                    .join(ferry_log::layout::NODELOG_DIR)
+                    .display()
+            )
+        })?;
+    if report.records_restored > 0 {
+        tracing::warn!(records = report.records_restored, partitions = ?report.partitions_restored,
+            "restored plog records lost in a crash from the commit log");
+    }
+    tracing::info!(
+        segments_read = report.segments_read,
+        entries_read = report.entries_read,
+        elapsed_ms = t.elapsed().as_millis() as u64,
+        "commit log opened"
+    );
+    Ok(Arc::new(log))
 }
 
 /// Drops the table off the runtime: each partition's writer finishes its queue and flushes.

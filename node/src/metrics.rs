@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 
 use crate::commands::SPECS;
 use ferry_engine::table::Table;
+use ferry_log::nodelog::NodeLogStats;
 
 /// Counters of the RESP layer.
 pub struct Metrics {
@@ -87,7 +88,13 @@ impl Metrics {
     /// The Prometheus text exposition (OpenMetrics flavour) of these counters, the table's
     /// partition stats, the plog hold limit (`plog_hold_max_bytes`, so alerts can compare what
     /// dups keep with it) and whether client writes are refused now.
-    pub fn encode(&self, table: &Table, plog_hold_max_bytes: u64, writes_refused: bool) -> String {
+    pub fn encode(
+        &self,
+        table: &Table,
+        plog_hold_max_bytes: u64,
+        writes_refused: bool,
+        commit_log: Option<&NodeLogStats>,
+    ) -> String {
         let mut reg = Registry::default();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let sum = |f: &dyn Fn(&ferry_engine::partition::PartitionStats) -> u64| -> u64 {
@@ -115,7 +122,7 @@ impl Metrics {
         counter(
             &mut reg,
             "ferry_node_group_commits_total",
-            "Group commits (one fsync each)",
+            "Group commits of a partition (their fsyncs are shared: see ferry_node_commit_log_rounds)",
             sum(&|s| load(&s.group_commits_total)),
         );
         counter(
@@ -134,9 +141,37 @@ impl Metrics {
         fsync.inc_by(sum(&|s| load(&s.fsync_micros_total)) as f64 / 1e6);
         reg.register(
             "ferry_node_fsync_seconds",
-            "Time spent in plog fsync",
+            "Time partition writers waited for their group to be durable",
             fsync,
         );
+        if let Some(log) = commit_log {
+            counter(
+                &mut reg,
+                "ferry_node_commit_log_rounds_total",
+                "fdatasync rounds of the node's commit log, each covering every partition's waiting groups",
+                load(&log.rounds_total),
+            );
+            let secs = Counter::<f64, AtomicU64>::default();
+            secs.inc_by(load(&log.fsync_micros_total) as f64 / 1e6);
+            reg.register(
+                "ferry_node_commit_log_fsync_seconds",
+                "Time spent in the commit log's fdatasync",
+                secs,
+            );
+            counter(
+                &mut reg,
+                "ferry_node_plog_syncs_total",
+                "Lazy plog fdatasyncs by the commit log's background thread",
+                load(&log.plog_syncs_total),
+            );
+            let live = Gauge::<i64>::default();
+            live.set(i64::try_from(load(&log.live_segments)).unwrap_or(i64::MAX));
+            reg.register(
+                "ferry_node_commit_log_live_segments",
+                "Commit log segments still needed by a restart (the rest are spares)",
+                live,
+            );
+        }
 
         let decrees = Family::<Vec<(String, String)>, Gauge>::default();
         for p in table.partitions() {

@@ -2,8 +2,11 @@
 //!
 //! A connection reads every request already buffered, starts the writes among them at once (so
 //! pipelined writes join the same group commits instead of waiting for each other's fsync),
-//! and answers strictly in order. A read that follows unfinished writes of the same connection
-//! waits for them (read-your-writes). Replies are flushed once per batch, not once per reply.
+//! and answers strictly in order. A read that memory can answer (memtable, block cache) is
+//! answered on the spot; the others, in a row, go to the read pool as one batch
+//! ([`crate::reads`]), so the async workers never wait for the disk. A read that follows unfinished writes
+//! of the same connection waits for them (read-your-writes). Replies are flushed once per
+//! batch, not once per reply.
 //!
 //! Between MULTI and EXEC the connection only queues commands (answering `+QUEUED`, or the
 //! error that will make EXEC answer `-EXECABORT`); EXEC hands the queue and the WATCHed
@@ -34,6 +37,7 @@ use tracing::Instrument;
 
 use crate::commands::{self, Class, CmdError, Command, Reply};
 use crate::Node;
+use crate::{auth, reads};
 use ferry_proto::limits::MAX_WRITE_BYTES;
 use ferry_proto::Timetag;
 
@@ -135,6 +139,12 @@ struct Connection {
     pending: FuturesOrdered<BoxFuture<'static, Reply>>,
     /// A read waiting for the writes before it to finish.
     stalled: Option<Command>,
+    /// Who the client authenticated as; `None` until it does, where passwords are set.
+    user: Option<auth::User>,
+    /// Reads buffered in a row, not handed to the read pool yet ([`crate::reads`]).
+    reads: Vec<Command>,
+    /// Reply bytes of reads answered from memory since the last write to the socket.
+    inline_bytes: usize,
     /// No more requests are read (QUIT, end of input, protocol error or shutdown); the
     /// connection closes once everything before is answered.
     closing: bool,
@@ -168,6 +178,7 @@ enum Event {
 impl Connection {
     fn new(socket: TcpStream, node: Arc<Node>) -> Connection {
         let (rd, wr) = socket.into_split();
+        let user = node.users.initial();
         Connection {
             reader: FramedRead::with_capacity(rd, RequestCodec::default(), 16 << 10),
             writer: wr,
@@ -178,6 +189,9 @@ impl Connection {
             out: BytesMut::with_capacity(16 << 10),
             pending: FuturesOrdered::new(),
             stalled: None,
+            user,
+            reads: Vec::new(),
+            inline_bytes: 0,
             closing: false,
             multi: None,
             watched: BTreeMap::new(),
@@ -191,7 +205,21 @@ impl Connection {
         loop {
             if self.pending.is_empty() {
                 if let Some(cmd) = self.stalled.take() {
-                    self.read(cmd);
+                    self.dispatch(cmd);
+                }
+            }
+            if !self.reads.is_empty() {
+                // Every request already here joins the batch before it goes to the pool.
+                match self
+                    .reading()
+                    .then(|| self.reader.next().now_or_never())
+                    .flatten()
+                {
+                    Some(req) => {
+                        self.on_request(req);
+                        continue;
+                    }
+                    None => self.flush_reads(),
                 }
             }
             if self.closing && self.pending.is_empty() && self.out.is_empty() {
@@ -205,10 +233,7 @@ impl Connection {
                     Err(e) => return Err(e),
                 }
             }
-            let reading = !self.closing
-                && self.stalled.is_none()
-                && self.pending.len() < MAX_PENDING
-                && self.out.len() < MAX_OUTPUT_BYTES;
+            let reading = self.reading();
             let (reader, pending, writer, out) = (
                 &mut self.reader,
                 &mut self.pending,
@@ -225,37 +250,118 @@ impl Connection {
                 _ = shutdown.cancelled(), if !self.closing => Event::Shutdown,
             };
             match event {
-                Event::Request(Some(Ok(args))) => self.request(args),
-                Event::Request(Some(Err(e))) => {
-                    // As Redis: answer the protocol error, then close.
-                    self.reply(commands::error(format!("ERR Protocol error: {e}")));
-                    self.closing = true;
-                }
-                // The client closed its side; still answer what it sent.
-                Event::Request(None) => self.closing = true,
+                Event::Request(req) => self.on_request(req),
                 Event::Replied(reply) => self.encode_reply(reply),
                 Event::Wrote(n) => match n? {
                     0 => return Err(io::ErrorKind::WriteZero.into()),
-                    n => self.out.advance(n),
+                    n => {
+                        self.out.advance(n);
+                        self.inline_bytes = 0;
+                    }
                 },
                 Event::Shutdown => self.closing = true,
             }
         }
     }
 
+    /// Whether the connection takes more requests now.
+    fn reading(&self) -> bool {
+        !self.closing
+            && self.stalled.is_none()
+            && self.pending.len() < MAX_PENDING
+            && self.out.len() < MAX_OUTPUT_BYTES
+    }
+
+    fn on_request(&mut self, req: Option<Result<Vec<Bytes>, ProtocolError>>) {
+        match req {
+            Some(Ok(args)) => self.request(args),
+            Some(Err(e)) => {
+                // As Redis: answer the protocol error, then close.
+                self.reply(commands::error(format!("ERR Protocol error: {e}")));
+                self.closing = true;
+            }
+            // The client closed its side; still answer what it sent.
+            None => self.closing = true,
+        }
+    }
+
+    /// Hands the batched reads to the read pool; their replies take their place in order.
+    fn flush_reads(&mut self) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.reads);
+        let run = self.node.reads.run(self.node.clone(), batch);
+        self.pending.push_back(run.map(Reply::Reads).boxed());
+    }
+
     fn request(&mut self, args: Vec<Bytes>) {
         self.node
             .metrics
             .command(args.first().and_then(|name| commands::spec_index(name)));
-        let parsed = commands::parse(&args, ferry_engine::clock::wall_ms());
+        let parsed = commands::parse(&args, ferry_engine::clock::wall_ms())
+            .and_then(|cmd| self.permitted(cmd, &args));
         if self.multi.is_some() {
             return self.queue(parsed, &args);
         }
         self.dispatch_parsed(parsed);
     }
 
+    /// Refuses a command the connection's user may not run (see [`crate::auth`]).
+    fn permitted(&self, cmd: Command, args: &[Bytes]) -> Result<Command, CmdError> {
+        let denied = |frame: Frame| match frame {
+            Frame::Error(line) => CmdError::Denied(line.to_string()),
+            _ => CmdError::Denied("ERR internal error: a refusal without a message".into()),
+        };
+        match &self.user {
+            None if !matches!(
+                cmd,
+                Command::Auth { .. } | Command::Hello { .. } | Command::Quit
+            ) =>
+            {
+                Err(denied(auth::noauth()))
+            }
+            Some(user) if user.readonly && cmd.class() == Class::Write => Err(denied(
+                auth::noperm(user, args.first().map_or(&b""[..], |n| &n[..])),
+            )),
+            _ => Ok(cmd),
+        }
+    }
+
     fn dispatch(&mut self, cmd: Command) {
-        match cmd.class() {
+        if let Command::Auth { user, password } = cmd {
+            let reply = match self.node.users.check(user.as_ref(), &password) {
+                Ok(user) => {
+                    self.user = Some(user);
+                    commands::ok()
+                }
+                Err(refusal) => refusal,
+            };
+            return self.reply(reply);
+        }
+        let class = cmd.class();
+        // A read with nothing before it joins the batch for the read pool; PING and the like
+        // too, so that they keep their place. HELLO and WATCH change the connection's state.
+        let batched = self.pending.is_empty()
+            && matches!(class, Class::Read | Class::Immediate)
+            && !matches!(cmd, Command::Hello { .. } | Command::Watch(_));
+        if batched {
+            // Answered from memory on the spot while nothing waits before it, up to a budget
+            // of reply bytes (a pipeline of large cached values goes to the pool too).
+            if self.reads.is_empty() && self.inline_bytes < reads::INLINE_REPLY_BYTES {
+                if let Some(frame) = commands::execute_cached(&self.node, &cmd) {
+                    self.inline_bytes += reads::frame_bytes(&frame);
+                    return self.reply(frame);
+                }
+            }
+            self.reads.push(cmd);
+            if self.reads.len() >= reads::MAX_BATCH {
+                self.flush_reads();
+            }
+            return;
+        }
+        self.flush_reads();
+        match class {
             Class::Write => {
                 let write = commands::start_write(&self.node, cmd);
                 self.pending.push_back(write.map(Reply::Frame).boxed());
@@ -362,9 +468,18 @@ impl Connection {
         self.reply(reply);
     }
 
-    /// Answers a read: at once, or from the blocking pool when it scans every partition.
+    /// Answers HELLO and WATCH, and cheap commands behind other replies (reads that touch the
+    /// data go to the read pool in batches instead).
     fn read(&mut self, cmd: Command) {
-        if let Command::Hello(proto) = cmd {
+        if let Command::Hello { proto, auth } = cmd {
+            match auth {
+                Some((user, password)) => match self.node.users.check(Some(&user), &password) {
+                    Ok(user) => self.user = Some(user),
+                    Err(refusal) => return self.reply(refusal),
+                },
+                None if self.user.is_none() => return self.reply(auth::noauth_hello()),
+                None => {}
+            }
             // Every earlier reply is out in the old protocol; this one and the rest in the new.
             let proto = proto.unwrap_or(if self.resp3.is_some() { 3 } else { 2 });
             self.resp3 = (proto == 3).then(|| Resp3::new(false));
@@ -375,17 +490,18 @@ impl Connection {
             let reply = commands::watch(&self.node, &mut self.watched, keys);
             return self.reply(reply);
         }
-        if cmd.scans_every_partition() {
-            let reply = commands::execute_blocking(self.node.clone(), cmd);
-            self.pending.push_back(reply.map(Reply::Frame).boxed());
-        } else {
-            let reply = commands::execute(&self.node, cmd);
-            self.reply(reply);
+        if matches!(cmd.class(), Class::Read) {
+            // Not reached: a read behind other replies waits (`stalled`), then joins a batch.
+            self.reads.push(cmd);
+            return self.flush_reads();
         }
+        let reply = commands::execute(&self.node, cmd);
+        self.reply(reply);
     }
 
     /// Queues a reply that is ready now, behind any that are not.
     fn reply(&mut self, frame: Frame) {
+        self.flush_reads();
         if self.pending.is_empty() {
             self.encode(frame);
         } else {
@@ -397,6 +513,17 @@ impl Connection {
     fn encode_reply(&mut self, reply: Reply) {
         match reply {
             Reply::Frame(frame) => self.encode(frame),
+            Reply::Reads(done) => {
+                for frame in done.frames {
+                    self.encode(frame);
+                }
+                if !done.rest.is_empty() {
+                    // The batch stopped at its reply budget: the rest runs next, before
+                    // anything that came after it.
+                    let run = self.node.reads.run(self.node.clone(), done.rest);
+                    self.pending.push_front(run.map(Reply::Reads).boxed());
+                }
+            }
             Reply::NullArray if self.resp3.is_some() => self.encode(Frame::Null),
             Reply::NullArray => self.out.extend_from_slice(b"*-1\r\n"),
         }

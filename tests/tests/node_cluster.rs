@@ -59,6 +59,22 @@ fn node_joins_serves_follows_table_state_and_leaves_when_killed() -> Result<()> 
         "the client port opens last"
     );
 
+    assert_eq!(reg["table"], "users");
+
+    // A table no node serves is refused, with what each node serves; nothing is created.
+    let out = ferry(
+        &[coord.addr],
+        &["table", "create", "t2", "--partitions", "4"],
+    )?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("no node of cluster bj serves table `t2` (bj-n1 serves `users`)"),
+        "{err}"
+    );
+    let tables = ferry_ok(&coord, &["table", "list"])?;
+    assert!(!tables.contains("t2"), "{tables}");
+
     // The table is created and placed on the node: it opens its partitions, then serves.
     ferry_ok(&coord, &["table", "create", "users", "--partitions", "4"])?;
     node.wait_stage("serving", Duration::from_secs(20))?;

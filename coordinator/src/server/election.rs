@@ -166,11 +166,7 @@ async fn leader_duties(shared: &Arc<Shared>, meta: &MetaStore) -> MetaError {
             if !meta.fence_holds().await? {
                 return Err(MetaError::FenceLost);
             }
-            let nodes: Vec<String> = list_nodes(meta)
-                .await?
-                .into_iter()
-                .map(|n| n.name)
-                .collect();
+            let nodes = list_nodes(meta).await?;
             let placed = meta.complete_creating_tables(&nodes).await?;
             if placed > 0 {
                 tracing::info!(tables = placed, nodes = nodes.len(), "placed partitions");

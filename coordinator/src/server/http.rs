@@ -29,7 +29,9 @@ use ferry_admin::api::{
 };
 use ferry_meta::failover::Role;
 use ferry_meta::status::{DupEvent, DupStatus, FailMode};
-use ferry_meta::{list_nodes, now_ms, DupInfo, DupMode, MetaError, MetaStore, TableState};
+use ferry_meta::{
+    list_nodes, nodes_for, now_ms, DupInfo, DupMode, MetaError, MetaStore, TableState,
+};
 
 /// Header set on a forwarded request (its value names the standby that forwarded it).
 pub const FORWARDED_BY: &str = "x-ferry-forwarded-by";
@@ -383,21 +385,16 @@ async fn create_table(
     Json(req): Json<CreateTable>,
 ) -> ApiResult<TableDetail> {
     let meta = leader(&shared)?;
-    let nodes = node_names(&meta).await?;
+    let nodes = nodes_for(
+        &list_nodes(&meta).await?,
+        &shared.config.cluster.name,
+        &req.name,
+    )?;
     let desc = meta
         .create_table(&req.name, req.partitions, &nodes, now_ms())
         .await?;
     tracing::info!(table = %req.name, partitions = req.partitions, nodes = nodes.len(), "created table");
     Ok(Json(desc))
-}
-
-/// The registered nodes' names, where new tables are placed.
-async fn node_names(meta: &MetaStore) -> Result<Vec<String>, MetaError> {
-    Ok(list_nodes(meta)
-        .await?
-        .into_iter()
-        .map(|n| n.name)
-        .collect())
 }
 
 /// Another cluster's coordinator creates the target table of its full dup here.
@@ -421,7 +418,11 @@ async fn follow_table(
             ),
         ));
     }
-    let nodes = node_names(&meta).await?;
+    let nodes = nodes_for(
+        &list_nodes(&meta).await?,
+        &shared.config.cluster.name,
+        &table,
+    )?;
     let desc = meta
         .create_follower_table(&table, req.partitions, f.clone(), &nodes, now_ms())
         .await?;

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use ferry_proto::{Decree, PartitionId, Source, StoredValue};
 use rocksdb::compaction_filter::Decision;
-use rocksdb::{DBPinnableSlice, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    DBPinnableSlice, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB,
+};
 
 use crate::clock;
 use crate::error::StoreError;
@@ -52,6 +54,14 @@ pub struct Engine {
     db: Arc<DB>,
     dir: PathBuf,
     write_opts: WriteOptions,
+    /// Reads that may touch only the memtables and the block cache, never the disk.
+    cached_only: ReadOptions,
+}
+
+fn cached_only() -> ReadOptions {
+    let mut opts = ReadOptions::default();
+    opts.set_read_tier(rocksdb::ReadTier::BlockCache);
+    opts
 }
 
 impl Engine {
@@ -83,6 +93,7 @@ impl Engine {
             db: Arc::new(db),
             dir: dir.to_path_buf(),
             write_opts,
+            cached_only: cached_only(),
         })
     }
 
@@ -103,6 +114,7 @@ impl Engine {
             db: Arc::new(db),
             dir: dir.to_path_buf(),
             write_opts: WriteOptions::default(),
+            cached_only: cached_only(),
         };
         engine.applied_decree()
     }
@@ -218,6 +230,22 @@ impl Engine {
         self.db
             .get_pinned(data_key(user_key))
             .map_err(|e| StoreError::rocks("get", &self.dir, e))
+    }
+
+    /// [`Engine::get_raw`] if it can be answered from memory (the memtables and the block
+    /// cache); `None` if it would read the disk.
+    pub fn get_raw_cached(
+        &self,
+        user_key: &[u8],
+    ) -> Result<Option<Option<DBPinnableSlice<'_>>>, StoreError> {
+        match self
+            .db
+            .get_pinned_opt(data_key(user_key), &self.cached_only)
+        {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => Ok(None),
+            Err(e) => Err(StoreError::rocks("get", &self.dir, e)),
+        }
     }
 
     /// The timetag stored for `user_key`, if any (tombstones included).

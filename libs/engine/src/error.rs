@@ -3,6 +3,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use ferry_log::nodelog::CommitError;
 use ferry_log::LogError;
 use thiserror::Error;
 
@@ -19,6 +20,9 @@ pub enum StoreError {
     /// The plog or an inbox failed (a file system call, corruption, a gap).
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The node's commit log refused or failed the group commit.
+    #[error(transparent)]
+    CommitLog(#[from] CommitError),
     /// The plog and RocksDB disagree about what was committed.
     #[error("partition {} is inconsistent: {reason}", dir.display())]
     Inconsistent { dir: PathBuf, reason: String },
@@ -79,6 +83,7 @@ impl StoreError {
         match self {
             StoreError::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
             StoreError::Log(e) => e.is_disk_full(),
+            StoreError::CommitLog(e) => e.is_disk_full(),
             StoreError::CommitFailed { disk_full, .. } => *disk_full,
             _ => false,
         }

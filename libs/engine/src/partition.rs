@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use ferry_log::inbox;
 use ferry_log::layout::{db_dir, plog_dir};
+use ferry_log::nodelog::{CommitError, NodeLog};
 use ferry_log::plog::{self, Committed, CommittedMarker, PlogWriter, RecoveryReport};
 use ferry_proto::limits::MAX_WRITE_BYTES;
 use ferry_proto::{
@@ -49,6 +50,9 @@ pub struct PartitionOptions {
     pub max_group_writes: usize,
     /// Requests that may wait for the writer before senders are slowed down.
     pub queue_depth: usize,
+    /// The node's commit log, shared by all its partitions: a group is durable once it is
+    /// there, and the plog is synced lazily. Without one, the plog is fsynced for every group.
+    pub commit_log: Option<Arc<NodeLog>>,
 }
 
 impl PartitionOptions {
@@ -59,6 +63,7 @@ impl PartitionOptions {
             tombstone_retention: Duration::from_secs(24 * 3600),
             max_group_writes: 4096,
             queue_depth: 8192,
+            commit_log: None,
         }
     }
 }
@@ -319,6 +324,10 @@ impl Partition {
                 bytes = torn.bytes_dropped, reason = %torn.reason, "cut torn plog tail (unacknowledged writes)");
         }
         let plog = PlogWriter::open(&plog_dir, committed.next(), opts.plog_segment_bytes)?;
+        let commit_log = match &opts.commit_log {
+            Some(log) => Some((log.clone(), log.key_of(dir)?)),
+            None => None,
+        };
         let marker = CommittedMarker::open(&plog_dir)?;
         marker.publish(Committed {
             decree: committed,
@@ -333,6 +342,7 @@ impl Partition {
             opts: opts.clone(),
             engine: engine.clone(),
             plog,
+            commit_log,
             marker,
             marker_failed: false,
             clock,
@@ -519,6 +529,15 @@ impl Partition {
         Ok(live_from(&raw, clock::wall_ms()))
     }
 
+    /// [`Partition::get`] if it can be answered from memory, without reading the disk; `None`
+    /// if it cannot.
+    pub fn get_cached(&self, key: &[u8]) -> Result<Option<Option<Live>>, StoreError> {
+        Ok(self
+            .engine
+            .get_raw_cached(key)?
+            .map(|raw| raw.and_then(|raw| live_from(&raw, clock::wall_ms()))))
+    }
+
     /// Up to `count` entries after `after`, returning the live keys among them.
     pub fn scan(&self, after: Option<&[u8]>, count: usize) -> Result<ScanPage, StoreError> {
         let now = clock::wall_ms();
@@ -666,6 +685,8 @@ struct Writer {
     opts: PartitionOptions,
     engine: Arc<Engine>,
     plog: PlogWriter,
+    /// The node's commit log and this partition's key in it, or `None` to fsync the plog.
+    commit_log: Option<(Arc<NodeLog>, String)>,
     /// Publishes the committed decree to the shipper after every group commit.
     marker: CommittedMarker,
     marker_failed: bool,
@@ -734,6 +755,18 @@ impl Writer {
         }
         if let Err(e) = self.engine.flush() {
             tracing::warn!(partition = self.id.0, error = %e, "flush on shutdown failed; the next open replays the plog");
+        }
+        if let Some((log, key)) = &self.commit_log {
+            // The plog holds everything now; the commit log must never write this partition's
+            // entries back (its directory may be replaced once it is closed).
+            let closed = self
+                .plog
+                .sync()
+                .map_err(StoreError::from)
+                .and_then(|()| log.close(key).map_err(StoreError::from));
+            if let Err(e) = closed {
+                tracing::warn!(partition = self.id.0, error = %e, "cannot close the partition in the node's commit log; a restart restores its plog from it");
+            }
         }
     }
 
@@ -824,15 +857,37 @@ impl Writer {
         }
     }
 
-    /// Appends, fsyncs and applies one group. Everything here happens before any ack.
+    /// Appends, makes durable and applies one group. Everything here happens before any ack.
     fn persist(&mut self, buf: &[u8], mut batch: Batch) -> Result<(), StoreError> {
+        let mark = self.plog.segment_len();
         self.plog.append(buf)?;
         let t = Instant::now();
-        if let Err(e) = self.plog.sync() {
-            // After a failed fsync the kernel may have dropped dirty pages: nothing on disk can be
-            // trusted until recovery re-reads the plog.
-            self.poisoned = Some(e.to_string());
-            return Err(e.into());
+        let shared = self
+            .commit_log
+            .as_ref()
+            .map(|(log, key)| log.commit(key, &self.plog, buf));
+        match shared {
+            Some(Ok(())) => {}
+            Some(Err(e @ CommitError::Refused(_))) => {
+                // Nothing was logged; with the plog cut back as it was, the decrees can be reused.
+                if let Err(cut) = self.plog.cut_back(mark) {
+                    self.poisoned = Some(cut.to_string());
+                    return Err(cut.into());
+                }
+                return Err(e.into());
+            }
+            Some(Err(e @ CommitError::Failed(_))) => {
+                self.poisoned = Some(e.to_string());
+                return Err(e.into());
+            }
+            None => {
+                if let Err(e) = self.plog.sync() {
+                    // After a failed fsync the kernel may have dropped dirty pages: nothing on
+                    // disk can be trusted until recovery re-reads the plog.
+                    self.poisoned = Some(e.to_string());
+                    return Err(e.into());
+                }
+            }
         }
         self.stats
             .fsync_micros_total

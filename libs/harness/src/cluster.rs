@@ -77,7 +77,8 @@ impl ClusterNode {
             "cluster = \"{}\"\ncluster_id = {}\nduplication_group = {}\nnode_name = \"{}\"\n\
              table = \"{}\"\npartitions = {}\ndata_dir = \"{}\"\nresp_addr = \"{resp}\"\n\
              http_addr = \"{http}\"\netcd_endpoints = [\"{}\"]\nlease_ttl = \"{}\"\n\
-             etcd_timeout = \"1s\"\nplog_gc_interval = \"1s\"\nshutdown_grace = \"2s\"\n{}\n",
+             etcd_timeout = \"1s\"\nplog_gc_interval = \"1s\"\nshutdown_grace = \"2s\"\n\
+             commit_log_segment_bytes = 4194304\n{}\n",
             spec.cluster,
             spec.cluster_id,
             spec.group,

@@ -10,6 +10,7 @@
 //! <data_dir>/<table>/<p>/checkpoints/rebootstrap-<dupid>-<g>/  a re-bootstrap's fresh checkpoint
 //! <data_dir>/<table>/.fences/<cid>-<dupid>-<sp>      the receiver's fencing tokens
 //! <data_dir>/<table>/.staging/<cid>-<sp>/            an incoming checkpoint (see `staging`)
+//! <data_dir>/.nodelog/<n>.nlog                        the node's commit log (see `nodelog`)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub const REBOOTSTRAP_PREFIX: &str = "rebootstrap-";
 pub const FENCES_DIR: &str = ".fences";
 /// The directory of incoming checkpoints inside a table directory.
 pub const STAGING_DIR: &str = ".staging";
+/// The node's commit log inside the data dir (a table name never starts with a dot).
+pub const NODELOG_DIR: &str = ".nodelog";
 
 /// A node's data dir.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,6 +4,7 @@
 //! - [`layout`]: where every shared file of a data dir is, in one place.
 //! - [`plog`]: segment files of CRC-checked records, recovery (torn tails), the writer, the
 //!   reader that any process can run, the committed marker, GC.
+//! - [`nodelog`]: the node's commit log, one fsync per round for every partition's writes.
 //! - [`inbox`]: the receiver's end of one source partition's inbox log.
 //! - [`staging`]: the receiver's staging directory of an incoming checkpoint (full duplication).
 //! - [`clock`]: wall-clock readings for commit times.
@@ -13,6 +14,7 @@ pub mod clock;
 pub mod error;
 pub mod inbox;
 pub mod layout;
+pub mod nodelog;
 pub mod plog;
 pub mod staging;
 pub mod watch;

@@ -13,6 +13,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ferry_proto::record::RECORD_HEADER_LEN;
 use ferry_proto::{Decree, PlogRecord};
@@ -88,6 +89,53 @@ pub fn recover<E: From<LogError>>(
 /// record in the newest segment, the last decree is the one before that segment's first.
 pub fn recover_newest(dir: &Path) -> Result<RecoveryReport, LogError> {
     recover_segments(dir, Decree(u64::MAX), true, |_| Ok::<(), LogError>(()))
+}
+
+/// Cuts the newest segment after its last intact record, for a plog whose records from decree
+/// `held` on are also held by the node's commit log, which writes them back: a bad record at
+/// `held` or later is only a tail that was never synced, whatever follows it (pages of an
+/// unsynced file reach the disk in any order). A bad record before `held` is corruption.
+/// Returns the decree before the first one missing, or `None` for a plog without segments.
+pub fn cut_unsynced_tail(dir: &Path, held: Decree) -> Result<Option<Decree>, LogError> {
+    let segments = list_segments(dir)?;
+    let Some(newest) = segments.last() else {
+        return Ok(None);
+    };
+    let bytes =
+        fs::read(&newest.path).map_err(|e| LogError::io("read plog segment", &newest.path, e))?;
+    let header_ok = bytes.len() >= SEGMENT_HEADER_LEN
+        && &bytes[..8] == SEGMENT_MAGIC
+        && bytes[8..16] == newest.first_decree.0.to_le_bytes();
+    if !header_ok {
+        return Err(LogError::corrupt(
+            &newest.path,
+            0,
+            "bad segment header".into(),
+        ));
+    }
+    let mut pos = SEGMENT_HEADER_LEN;
+    let mut next = newest.first_decree;
+    while pos < bytes.len() {
+        match PlogRecord::peek_decree(&bytes[pos..]) {
+            Ok((decree, used)) if decree == next && decree.0 != u64::MAX => {
+                next = next.next();
+                pos += used;
+            }
+            _ if next >= held => {
+                truncate_durably(&newest.path, pos as u64)?;
+                break;
+            }
+            Ok((decree, _)) => {
+                return Err(LogError::corrupt(
+                    &newest.path,
+                    pos as u64,
+                    format!("expected decree {next}, found {decree}"),
+                ))
+            }
+            Err(e) => return Err(LogError::corrupt(&newest.path, pos as u64, e.to_string())),
+        }
+    }
+    Ok(Some(Decree(next.0.saturating_sub(1))))
 }
 
 fn recover_segments<E: From<LogError>>(
@@ -226,7 +274,8 @@ fn valid_record_after(bytes: &[u8], from: usize, last_good: Decree) -> bool {
 pub struct PlogWriter {
     dir: PathBuf,
     segment_bytes: u64,
-    file: File,
+    /// Shared with the node's commit log, whose background thread fdatasyncs it.
+    file: Arc<File>,
     path: PathBuf,
     len: u64,
 }
@@ -255,7 +304,7 @@ impl PlogWriter {
         Ok(PlogWriter {
             dir: dir.to_path_buf(),
             segment_bytes: segment_bytes.max(256),
-            file,
+            file: Arc::new(file),
             path,
             len,
         })
@@ -269,7 +318,7 @@ impl PlogWriter {
             &self.path,
             crate::error::injected_io_error(arg)
         )));
-        if let Err(e) = self.file.write_all(buf) {
+        if let Err(e) = (&*self.file).write_all(buf) {
             // Best effort: if even this fails, recovery treats the partial record as a torn tail.
             let _ = self.file.set_len(self.len);
             return Err(LogError::io("append to plog segment", &self.path, e));
@@ -290,17 +339,40 @@ impl PlogWriter {
             .map_err(|e| LogError::io("fsync plog segment", &self.path, e))
     }
 
-    /// Starts a new segment when the current one is full. Call only after `sync`, with the decree
-    /// the next record will have.
+    /// Cuts the newest segment back to `len` bytes (from [`PlogWriter::segment_len`]), taking back
+    /// appends that were never committed.
+    pub fn cut_back(&mut self, len: u64) -> Result<(), LogError> {
+        self.file
+            .set_len(len)
+            .map_err(|e| LogError::io("cut back plog segment", &self.path, e))?;
+        self.len = len;
+        Ok(())
+    }
+
+    /// The newest segment's length in bytes (its header included).
+    pub fn segment_len(&self) -> u64 {
+        self.len
+    }
+
+    /// The newest segment's file, for a commit log that syncs it later.
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// Starts a new segment when the current one is full, with the decree the next record will
+    /// have. The full segment is synced first: recovery trusts every segment but the newest.
     pub fn roll_if_full(&mut self, next_decree: Decree) -> Result<bool, LogError> {
         if self.len < self.segment_bytes {
             return Ok(false);
         }
+        self.sync()?;
         let path = create_segment(&self.dir, next_decree)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(|e| LogError::io("open plog segment", &path, e))?;
+        self.file = Arc::new(
+            OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(|e| LogError::io("open plog segment", &path, e))?,
+        );
         self.path = path;
         self.len = SEGMENT_HEADER_LEN as u64;
         Ok(true)
@@ -858,6 +930,32 @@ mod tests {
         let (seen, report) = recover_all(dir.path()).expect("recover");
         assert_eq!(seen, vec![1, 2, 3]);
         assert_eq!(report.torn_tail.map(|t| t.bytes_dropped), Some(4096));
+    }
+
+    #[test]
+    fn an_unsynced_tail_is_cut_only_where_the_commit_log_holds_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_records(dir.path(), 1..=10, 1 << 20);
+        let seg = list_segments(dir.path())
+            .expect("list")
+            .pop()
+            .expect("segment");
+        let mut bytes = fs::read(&seg.path).expect("read");
+        // Decree 6 is damaged; 7..=10 are intact after it.
+        let at6 = SEGMENT_HEADER_LEN + (0..5).map(|d| rec(d + 1).encoded_len()).sum::<usize>();
+        bytes[at6 + RECORD_HEADER_LEN + 2] ^= 0xff;
+        fs::write(&seg.path, &bytes).expect("write");
+
+        // The commit log holds 8 on only: decree 6 was synced, so this is corruption.
+        let err = cut_unsynced_tail(dir.path(), Decree(8)).expect_err("corrupt");
+        assert!(matches!(err, LogError::CorruptPlog { offset, .. } if offset == at6 as u64));
+        // It holds 5 on: everything from 6 is cut, whatever follows.
+        assert_eq!(
+            cut_unsynced_tail(dir.path(), Decree(5)).expect("cut"),
+            Some(Decree(5))
+        );
+        let (seen, _) = recover_all(dir.path()).expect("recover");
+        assert_eq!(seen, vec![1, 2, 3, 4, 5]);
     }
 
     #[test]

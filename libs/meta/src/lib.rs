@@ -36,8 +36,8 @@ use crate::status::{DupEvent, DupStatus};
 
 pub use cluster_config::{check_cluster_config, init_or_check_cluster_config};
 pub use registry::{
-    list_nodes, list_receivers, register_node, register_receiver, NodeInfo, ReceiverInfo,
-    Registration,
+    list_nodes, list_receivers, nodes_for, register_node, register_receiver, NodeInfo,
+    ReceiverInfo, Registration,
 };
 pub use types::{
     DupCheckpoint, DupInfo, DupMode, Follower, Installed, PartitionEntry, Progress, Rebootstrap,

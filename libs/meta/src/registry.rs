@@ -44,6 +44,10 @@ pub struct NodeInfo {
     /// HTTP address (`/metrics`, `/health`).
     #[serde(default)]
     pub http_addr: Option<String>,
+    /// The table the node serves (its config's `table`); `None` from a node that does not say,
+    /// which may be given any table.
+    #[serde(default)]
+    pub table: Option<String>,
     /// When this registration was made, ms since the Unix epoch.
     pub registered_at_ms: u64,
     /// Fields this version does not know.
@@ -59,10 +63,41 @@ impl NodeInfo {
             resp_addr: resp_addr.into(),
             receiver_addr: None,
             http_addr: None,
+            table: None,
             registered_at_ms: now_ms(),
             extra: Map::new(),
         }
     }
+}
+
+impl NodeInfo {
+    /// Whether the node can host partitions of `table`.
+    pub fn serves(&self, table: &str) -> bool {
+        self.table.as_deref().is_none_or(|t| t == table)
+    }
+}
+
+/// The names of the nodes that can host `table`, or an error that says why none can (while
+/// no node is registered at all, the empty list: the table waits for nodes).
+pub fn nodes_for(nodes: &[NodeInfo], cluster: &str, table: &str) -> Result<Vec<String>, MetaError> {
+    let able: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.serves(table))
+        .map(|n| n.name.clone())
+        .collect();
+    if able.is_empty() && !nodes.is_empty() {
+        let serving: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{} serves `{}`", n.name, n.table.as_deref().unwrap_or("?")))
+            .collect();
+        return Err(MetaError::Invalid(format!(
+            "no node of cluster {cluster} serves table `{table}` ({}); a node serves the one \
+             table its config names (`table`), so start a node with `table = \"{table}\"`, \
+             then create the table",
+            serving.join(", ")
+        )));
+    }
+    Ok(able)
 }
 
 /// `receivers/<node>`: how shippers of other clusters reach the receiver beside a node.

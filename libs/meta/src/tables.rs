@@ -14,7 +14,7 @@ use ferry_proto::PartitionId;
 use crate::config::valid_name;
 use crate::keys::Keys;
 use crate::{
-    decode, encode, known_table, unchanged, Follower, Installed, MetaError, MetaStore,
+    decode, encode, known_table, unchanged, Follower, Installed, MetaError, MetaStore, NodeInfo,
     PartitionEntry, TableInfo, TableState, CAS_ATTEMPTS,
 };
 
@@ -445,13 +445,18 @@ impl MetaStore {
         Ok(marked)
     }
 
-    /// Places the partitions of every `creating` table; what a new leader runs, and then
-    /// periodically.
-    pub async fn complete_creating_tables(&self, nodes: &[String]) -> Result<usize, MetaError> {
+    /// Places the partitions of every `creating` table on the nodes that serve it; what a new
+    /// leader runs, and then periodically.
+    pub async fn complete_creating_tables(&self, nodes: &[NodeInfo]) -> Result<usize, MetaError> {
         let mut done = 0;
         for (name, info) in self.list_tables().await? {
-            if info.state == TableState::Creating && !nodes.is_empty() {
-                self.place_partitions(&name, nodes).await?;
+            let able: Vec<String> = nodes
+                .iter()
+                .filter(|n| n.serves(&name))
+                .map(|n| n.name.clone())
+                .collect();
+            if info.state == TableState::Creating && !able.is_empty() {
+                self.place_partitions(&name, &able).await?;
                 done += 1;
             }
         }

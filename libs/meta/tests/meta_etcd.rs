@@ -280,7 +280,7 @@ async fn table_states_and_late_placement() -> R {
     assert!(err.to_string().contains("still creating"), "{err}");
     // A node appears: the leader's reconcile places every partition and makes it available.
     assert_eq!(
-        meta.complete_creating_tables(&["n1".into(), "n2".into()])
+        meta.complete_creating_tables(&[NodeInfo::new("n1", "a"), NodeInfo::new("n2", "b")])
             .await?,
         1
     );

@@ -10,7 +10,9 @@
 //! | name | where | `return(arg)` |
 //! | --- | --- | --- |
 //! | `plog-append` | `ferry_log::plog::PlogWriter::append` | `enospc` for a full disk, else EIO |
-//! | `plog-fsync` | `ferry_log::plog::PlogWriter::sync` (plog and inbox) | EIO |
+//! | `plog-fsync` | `ferry_log::plog::PlogWriter::sync` (inbox, and a plog's own fsyncs) | EIO |
+//! | `nodelog-fsync` | `ferry_log::nodelog::NodeLog` commits (the node's group commit) | (none) EIO |
+//! | `nodelog-hold-plogs` | the commit log's background thread | (none) it syncs no plog, so a test can drop their unsynced tails |
 //! | `inbox-append` | `ferry_log::inbox::InboxWriter::append` | a decree: fail only batches holding that decree with its ops |
 //! | `rocksdb-write` | `ferry_engine::engine::Engine::write` | an error from RocksDB |
 //! | `fence-store` | the receiver's fencing-token file | EIO |
