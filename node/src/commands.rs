@@ -91,6 +91,16 @@ pub static SPECS: &[Spec] = &[
     spec("type", 2, R, KEY1),
     spec("strlen", 2, R, KEY1),
     spec("persist", 2, W, KEY1),
+    spec("setex", 4, WD, KEY1),
+    spec("psetex", 4, WD, KEY1),
+    spec("setnx", 3, WD, KEY1),
+    spec("getset", 3, WD, KEY1),
+    spec("unlink", -2, W, KEYS),
+    spec("touch", -2, R, KEYS),
+    spec("expiretime", 2, R, KEY1),
+    spec("pexpiretime", 2, R, KEY1),
+    spec("keys", 2, RS, NOKEYS),
+    spec("time", 1, F, NOKEYS),
     spec("scan", -2, RS, NOKEYS),
     spec("dbsize", 1, RS, NOKEYS),
     spec("info", -1, &["loading", "stale"], NOKEYS),
@@ -152,6 +162,16 @@ pub enum Command {
     },
     /// TYPE: "string" or "none".
     Type(Bytes),
+    /// EXPIRETIME and PEXPIRETIME: the absolute expiry, in seconds or ms.
+    ExpireTime {
+        key: Bytes,
+        millis: bool,
+    },
+    /// KEYS pattern: every live key that matches, from every partition.
+    Keys(Bytes),
+    Time,
+    /// CLIENT ID: the connection answers it ([`crate::resp`]).
+    ClientId,
     StrLen(Bytes),
     Scan {
         cursor: u64,
@@ -201,6 +221,8 @@ pub struct SetArgs {
     pub expiry: Expiry,
     pub cond: SetCond,
     pub get: bool,
+    /// SETNX: answer 1 or 0, not OK or nil.
+    pub integer_reply: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,12 +260,14 @@ impl Command {
             | Ttl { .. }
             | Type(_)
             | StrLen(_)
+            | ExpireTime { .. }
+            | Keys(_)
             | Scan { .. }
             | DbSize
             | Info(_) => Class::Read,
             Quit => Class::Quit,
             Ping(_) | Echo(_) | Select | CommandInfo(_) | ConfigGet(_) | ClientOk
-            | ClientGetName => Class::Immediate,
+            | ClientGetName | ClientId | Time => Class::Immediate,
             // Like a read, after the earlier replies: the protocol changes between two of them.
             Hello { .. } => Class::Read,
             Auth { .. } => Class::Immediate,
@@ -261,6 +285,7 @@ impl Command {
             | Type(key)
             | StrLen(key)
             | Ttl { key, .. }
+            | ExpireTime { key, .. }
             | IncrBy { key, .. }
             | Expire { key, .. } => vec![key],
             Set(s) => vec![&s.key],
@@ -416,8 +441,46 @@ pub fn parse(args: &[Bytes], now_ms: u64) -> Result<Command, CmdError> {
         "echo" => Command::Echo(arg(0)?),
         "get" => Command::Get(arg(0)?),
         "set" => Command::Set(parse_set(rest, now_ms)?),
-        "del" => Command::Del(rest.to_vec()),
-        "exists" => Command::Exists(rest.to_vec()),
+        "setex" | "psetex" => {
+            let n = int_arg(&arg(1)?)?;
+            let ms = if spec.name == "setex" {
+                n.checked_mul(1000)
+            } else {
+                Some(n)
+            };
+            let at = ms
+                .filter(|ms| *ms > 0)
+                .and_then(|ms| ms.checked_add(now_ms as i64))
+                .ok_or(CmdError::InvalidExpire(spec.name))?;
+            Command::Set(SetArgs {
+                key: arg(0)?,
+                value: arg(2)?,
+                expiry: Expiry::At(at as u64),
+                cond: SetCond::Always,
+                get: false,
+                integer_reply: false,
+            })
+        }
+        "setnx" | "getset" => Command::Set(SetArgs {
+            key: arg(0)?,
+            value: arg(1)?,
+            expiry: Expiry::Never,
+            cond: if spec.name == "setnx" {
+                SetCond::IfAbsent
+            } else {
+                SetCond::Always
+            },
+            get: spec.name == "getset",
+            integer_reply: spec.name == "setnx",
+        }),
+        "del" | "unlink" => Command::Del(rest.to_vec()),
+        "exists" | "touch" => Command::Exists(rest.to_vec()),
+        "expiretime" | "pexpiretime" => Command::ExpireTime {
+            key: arg(0)?,
+            millis: spec.name == "pexpiretime",
+        },
+        "keys" => Command::Keys(arg(0)?),
+        "time" => Command::Time,
         "mget" => Command::MGet(rest.to_vec()),
         "mset" => {
             if rest.len() % 2 != 0 {
@@ -579,6 +642,8 @@ pub fn parse(args: &[Bytes], now_ms: u64) -> Result<Command, CmdError> {
                 Command::ClientOk
             } else if sub.eq_ignore_ascii_case(b"getname") {
                 Command::ClientGetName
+            } else if sub.eq_ignore_ascii_case(b"id") {
+                Command::ClientId
             } else {
                 return Err(subcommand("client", &sub));
             }
@@ -597,6 +662,7 @@ fn parse_set(rest: &[Bytes], now_ms: u64) -> Result<SetArgs, CmdError> {
         expiry: Expiry::Never,
         cond: SetCond::Always,
         get: false,
+        integer_reply: false,
     };
     let mut expiry_given = false;
     let mut i = 0;
@@ -756,6 +822,19 @@ pub fn execute(node: &Node, cmd: Command) -> Frame {
         Command::Type(key) => read_keys(table, &[key], Answer::Type),
         Command::StrLen(key) => read_keys(table, &[key], Answer::StrLen),
         Command::Ttl { key, millis } => read_keys(table, &[key], Answer::Ttl { millis }),
+        Command::ExpireTime { key, millis } => {
+            read_keys(table, &[key], Answer::ExpireTime { millis })
+        }
+        Command::Keys(pattern) => keys(table, &pattern),
+        Command::Time => {
+            let us = ferry_engine::clock::wall_us();
+            Frame::Array(vec![
+                Frame::BulkString((us / 1_000_000).to_string().into()),
+                Frame::BulkString((us % 1_000_000).to_string().into()),
+            ])
+        }
+        // The connection answers CLIENT ID; reached only by a bug.
+        Command::ClientId => error("ERR internal error: CLIENT ID outside a connection"),
         Command::Scan {
             cursor,
             pattern,
@@ -1006,6 +1085,11 @@ enum Answer {
     Ttl {
         millis: bool,
     },
+    /// SETNX: 1 if it set the key, else 0.
+    Applied,
+    ExpireTime {
+        millis: bool,
+    },
 }
 
 impl Answer {
@@ -1016,6 +1100,7 @@ impl Answer {
             }
             (Answer::Set { .. }, WriteOutcome::Set { applied: true, .. }) => ok(),
             (Answer::Set { .. }, WriteOutcome::Set { applied: false, .. }) => Frame::Null,
+            (Answer::Applied, WriteOutcome::Set { applied, .. }) => Frame::Integer(applied.into()),
             (Answer::Done, WriteOutcome::Done) => ok(),
             (Answer::Deleted, WriteOutcome::Deleted(n)) => {
                 Frame::Integer(i64::try_from(n).unwrap_or(i64::MAX))
@@ -1052,6 +1137,14 @@ impl Answer {
             Answer::Get => first.map_or(Frame::Null, |(v, _)| Frame::BulkString(v.into())),
             Answer::Type => simple(if first.is_some() { "string" } else { "none" }),
             Answer::StrLen => Frame::Integer(first.map_or(0, |(v, _)| v.len() as i64)),
+            Answer::ExpireTime { millis } => match first {
+                None => Frame::Integer(-2),
+                Some((_, 0)) => Frame::Integer(-1),
+                Some((_, at)) => {
+                    let at = if millis { at } else { at / 1000 };
+                    Frame::Integer(i64::try_from(at).unwrap_or(i64::MAX))
+                }
+            },
             Answer::Ttl { millis } => match first {
                 None => Frame::Integer(-2),
                 Some((_, 0)) => Frame::Integer(-1),
@@ -1095,6 +1188,7 @@ fn tx_cmd(cmd: Command) -> Result<(TxCmd, Answer), Command> {
 /// comes back as it is. (MSET and DEL outside a transaction are split by partition first.)
 fn write_cmd(cmd: Command) -> Result<(WriteCmd, Answer), Command> {
     Ok(match cmd {
+        Command::Set(s) if s.integer_reply => (set_cmd(s), Answer::Applied),
         Command::Set(s) => {
             let get = s.get;
             (set_cmd(s), Answer::Set { get })
@@ -1183,6 +1277,10 @@ pub fn execute_cached(node: &Node, cmd: &Command) -> Option<Frame> {
         Command::Ttl { key, millis } => {
             (std::slice::from_ref(key), Answer::Ttl { millis: *millis })
         }
+        Command::ExpireTime { key, millis } => (
+            std::slice::from_ref(key),
+            Answer::ExpireTime { millis: *millis },
+        ),
         cmd if cmd.class() == Class::Immediate => return Some(execute(node, cmd.clone())),
         _ => return None,
     };
@@ -1288,6 +1386,31 @@ fn scan(
         Frame::BulkString(next.to_string().into()),
         Frame::Array(keys),
     ])
+}
+
+/// KEYS: every partition scanned whole (it runs on the read pool, as SCAN does).
+fn keys(table: &Table, pattern: &[u8]) -> Frame {
+    let mut out = Vec::new();
+    for p in table.partitions() {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = match p.scan(after.as_deref(), 1024) {
+                Ok(page) => page,
+                Err(e) => return read_error(&e),
+            };
+            out.extend(
+                page.keys
+                    .into_iter()
+                    .filter(|k| crate::scan::glob_match(pattern, k, false))
+                    .map(|k| Frame::BulkString(k.into())),
+            );
+            match page.next_after {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+    }
+    Frame::Array(out)
 }
 
 fn db_size(table: &Table) -> Result<u64, StoreError> {

@@ -329,6 +329,9 @@ impl Connection {
     }
 
     fn dispatch(&mut self, cmd: Command) {
+        if let Command::ClientId = cmd {
+            return self.reply(Frame::Integer(self.id as i64));
+        }
         if let Command::Auth { user, password } = cmd {
             let reply = match self.node.users.check(user.as_ref(), &password) {
                 Ok(user) => {

@@ -101,11 +101,7 @@ pub fn cut_unsynced_tail(dir: &Path, held: Decree) -> Result<Option<Decree>, Log
     let Some(newest) = segments.last() else {
         return Ok(None);
     };
-    let bytes =
-        fs::read(&newest.path).map_err(|e| LogError::io("read plog segment", &newest.path, e))?;
-    let header_ok = bytes.len() >= SEGMENT_HEADER_LEN
-        && &bytes[..8] == SEGMENT_MAGIC
-        && bytes[8..16] == newest.first_decree.0.to_le_bytes();
+    let (bytes, header_ok) = read_segment(newest)?;
     if !header_ok {
         return Err(LogError::corrupt(
             &newest.path,
@@ -172,11 +168,7 @@ fn recover_segments<E: From<LogError>>(
                 )));
             }
         }
-        let bytes =
-            fs::read(&seg.path).map_err(|e| LogError::io("read plog segment", &seg.path, e))?;
-        let header_ok = bytes.len() >= SEGMENT_HEADER_LEN
-            && &bytes[..8] == SEGMENT_MAGIC
-            && bytes[8..16] == seg.first_decree.0.to_le_bytes();
+        let (bytes, header_ok) = read_segment(seg)?;
         if !header_ok {
             if newest && bytes.len() < SEGMENT_HEADER_LEN {
                 // Crashed while creating the segment; it never held a record.
@@ -251,6 +243,15 @@ fn recover_segments<E: From<LogError>>(
 
 /// True when some byte offset at or after `from` holds a complete, checksummed record with a
 /// decree after `last_good`. Such a record proves that the damage is not a torn tail.
+/// A segment's bytes, and whether its header is intact and names its first decree.
+fn read_segment(seg: &Segment) -> Result<(Vec<u8>, bool), LogError> {
+    let bytes = fs::read(&seg.path).map_err(|e| LogError::io("read plog segment", &seg.path, e))?;
+    let header_ok = bytes.len() >= SEGMENT_HEADER_LEN
+        && &bytes[..8] == SEGMENT_MAGIC
+        && bytes[8..16] == seg.first_decree.0.to_le_bytes();
+    Ok((bytes, header_ok))
+}
+
 fn valid_record_after(bytes: &[u8], from: usize, last_good: Decree) -> bool {
     let end = bytes.len().saturating_sub(RECORD_HEADER_LEN + 8);
     (from..end).any(|pos| {
