@@ -61,6 +61,10 @@ enum Cmd {
         /// Directory for both servers' data (default: a temp dir on the same disk as /tmp).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Commands of the mixed workload (one client, pipelines of 256 of SET, DEL, INCR, MSET,
+        /// SET EX) per round against each server; 0 skips it.
+        #[arg(long, default_value_t = 500_000)]
+        mixed_ops: u64,
     },
     /// Incremental duplication: throughput, MB/s raw and on the wire, per-write lag p50/p99 at
     /// shares of the node's own maximum ingest, and the drain rate of a backlog.
@@ -141,6 +145,7 @@ fn main() -> Result<()> {
             rounds,
             partitions,
             dir,
+            mixed_ops,
         } => {
             let tmp = tempfile::Builder::new()
                 .prefix("ferry-bench")
@@ -153,7 +158,11 @@ fn main() -> Result<()> {
                 &pipeline,
                 rounds.max(1),
                 partitions,
-            )
+            )?;
+            if mixed_ops == 0 {
+                return Ok(());
+            }
+            mixed_vs_redis(tmp.path(), mixed_ops, data_size, rounds.max(1), partitions)
         }
     }
 }
@@ -177,50 +186,136 @@ fn node_vs_redis(
         let (mut ferry, mut redis) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             // Fresh data directories each round, so neither side benefits from the other's warm-up.
-            let node_dir = dir.join(format!("node-p{p}-r{round}"));
-            let redis_dir = dir.join(format!("redis-p{p}-r{round}"));
-            std::fs::create_dir_all(&redis_dir)?;
-            let port = free_port()?;
-            let http = free_port()?;
-            let node = Server::start(
-                Command::new(&node_bin)
-                    .arg("--data-dir")
-                    .arg(&node_dir)
-                    .args(["--partitions", &partitions.to_string(), "--cluster-id", "1"])
-                    .args([
-                        "--resp-addr",
-                        &format!("127.0.0.1:{port}"),
-                        "--http-addr",
-                        &format!("127.0.0.1:{http}"),
-                    ])
-                    .env("RUST_LOG", "warn"),
-                port,
+            let (node, port) = start_node(
+                &node_bin,
+                &dir.join(format!("node-p{p}-r{round}")),
+                partitions,
             )?;
             ferry.push(redis_benchmark(port, n, c, d, p)?);
             drop(node);
-            let rport = free_port()?;
-            let redis_srv = Server::start(
-                Command::new("redis-server")
-                    .args([
-                        "--port",
-                        &rport.to_string(),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                    ])
-                    .args(["--appendonly", "yes", "--appendfsync", "always"])
-                    .arg("--dir")
-                    .arg(&redis_dir),
-                rport,
-            )?;
-            redis.push(redis_benchmark(rport, n, c, d, p)?);
+            let (redis_srv, port) = start_redis(&dir.join(format!("redis-p{p}-r{round}")))?;
+            redis.push(redis_benchmark(port, n, c, d, p)?);
             drop(redis_srv);
         }
         let (f, r) = (median(&mut ferry), median(&mut redis));
         println!("{:<6} {:>16.0} {:>16.0} {:>8.2}", p, f, r, f / r);
     }
     Ok(())
+}
+
+/// The mixed workload against a node and against Redis, alternating, median of `rounds`.
+fn mixed_vs_redis(dir: &Path, mixed_ops: u64, d: u32, rounds: u32, partitions: u32) -> Result<()> {
+    let node_bin = sibling_binary("node")?;
+    println!();
+    println!(
+        "mixed: one client, pipelines of {MIXED_PIPE} of SET, DEL, INCR, MSET (2 keys), SET EX; {mixed_ops} commands, {rounds} round(s)"
+    );
+    println!("{:>16} {:>16} {:>8}", "ferry ops/s", "redis ops/s", "ratio");
+    let (mut ferry, mut redis) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (node, port) = start_node(
+            &node_bin,
+            &dir.join(format!("node-mixed-r{round}")),
+            partitions,
+        )?;
+        ferry.push(mixed(port, mixed_ops, d)?);
+        drop(node);
+        let (redis_srv, port) = start_redis(&dir.join(format!("redis-mixed-r{round}")))?;
+        redis.push(mixed(port, mixed_ops, d)?);
+        drop(redis_srv);
+    }
+    let (f, r) = (median(&mut ferry), median(&mut redis));
+    println!("{:>16.0} {:>16.0} {:>8.2}", f, r, f / r);
+    Ok(())
+}
+
+/// Commands per pipeline in the mixed workload.
+const MIXED_PIPE: u64 = 256;
+
+/// One connection sending pipelines of the five write commands in turn over 100,000 keys;
+/// returns commands per second. Every reply is checked: an error reply fails the run.
+fn mixed(port: u16, ops: u64, value_bytes: u32) -> Result<f64> {
+    let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_connection()?;
+    let value = "v".repeat(value_bytes as usize);
+    let mut rng = rand::rng();
+    let mut key = || {
+        format!(
+            "key:{:06}",
+            rand::Rng::random_range(&mut rng, 0..100_000u32)
+        )
+    };
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < ops {
+        let mut pipe = redis::pipe();
+        for i in 0..MIXED_PIPE {
+            match i % 5 {
+                0 => pipe.cmd("SET").arg(key()).arg(&value),
+                1 => pipe.cmd("DEL").arg(key()),
+                // Counters of their own, so INCR never meets a non-integer value.
+                2 => pipe.cmd("INCR").arg(format!("n{}", key())),
+                3 => pipe
+                    .cmd("MSET")
+                    .arg(key())
+                    .arg(&value)
+                    .arg(key())
+                    .arg(&value),
+                _ => pipe.cmd("SET").arg(key()).arg(&value).arg("EX").arg(3600),
+            };
+        }
+        let replies: Vec<redis::Value> = pipe.query(&mut con)?;
+        if let Some(e) = replies
+            .iter()
+            .find(|v| matches!(v, redis::Value::ServerError(_)))
+        {
+            bail!("the server on port {port} answered an error in the mixed workload: {e:?}");
+        }
+        sent += MIXED_PIPE;
+    }
+    Ok(sent as f64 / start.elapsed().as_secs_f64())
+}
+
+/// A standalone node on a fresh port, with its data in `dir`.
+fn start_node(bin: &Path, dir: &Path, partitions: u32) -> Result<(Server, u16)> {
+    let port = free_port()?;
+    let http = free_port()?;
+    let node = Server::start(
+        Command::new(bin)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--partitions", &partitions.to_string(), "--cluster-id", "1"])
+            .args([
+                "--resp-addr",
+                &format!("127.0.0.1:{port}"),
+                "--http-addr",
+                &format!("127.0.0.1:{http}"),
+            ])
+            .env("RUST_LOG", "warn"),
+        port,
+    )?;
+    Ok((node, port))
+}
+
+/// `redis-server --appendonly yes --appendfsync always` on a fresh port, with its data in `dir`.
+fn start_redis(dir: &Path) -> Result<(Server, u16)> {
+    std::fs::create_dir_all(dir)?;
+    let port = free_port()?;
+    let srv = Server::start(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir),
+        port,
+    )?;
+    Ok((srv, port))
 }
 
 /// Runs redis-benchmark's SET test and returns requests per second.
