@@ -1460,7 +1460,27 @@ fn info(node: &Node, sections: &[String]) -> String {
         out += "# Clients\r\n";
         out += &format!("connected_clients:{}\r\n", node.metrics.connections());
         out += &format!("maxclients:{}\r\n", config.max_connections);
+        out += "blocked_clients:0\r\n";
         out += "\r\n";
+    }
+    if wants("memory") {
+        // The process's resident memory (RocksDB's memtables and block cache included).
+        let rss = resident_bytes();
+        out += "# Memory\r\n";
+        out += &format!(
+            "used_memory:{rss}\r\nused_memory_human:{:.2}M\r\nused_memory_rss:{rss}\r\n",
+            rss as f64 / (1 << 20) as f64
+        );
+        out += "maxmemory:0\r\nmaxmemory_policy:noeviction\r\n\r\n";
+    }
+    if wants("replication") {
+        // Duplication between clusters is not Redis replication: this node has no replicas and
+        // follows no primary. Whether it takes writes now is `ferry_writes_refused`.
+        out += "# Replication\r\nrole:master\r\nconnected_slaves:0\r\n";
+        out += &format!(
+            "ferry_writes_refused:{}\r\n\r\n",
+            u8::from(node.write_block().is_some())
+        );
     }
     if wants("persistence") {
         out += "# Persistence\r\n";
@@ -1512,9 +1532,19 @@ fn info(node: &Node, sections: &[String]) -> String {
     }
     if wants("keyspace") {
         out += "# Keyspace\r\n";
-        match db_size(table) {
-            Ok(0) => {}
-            Ok(n) => out += &format!("db0:keys={n},expires=0,avg_ttl=0\r\n"),
+        let counts = table
+            .partitions()
+            .iter()
+            .try_fold((0u64, 0u64, 0u64), |acc, p| {
+                p.key_counts()
+                    .map(|c| (acc.0 + c.keys, acc.1 + c.expires, acc.2 + c.ttl_ms_total))
+            });
+        match counts {
+            Ok((0, _, _)) => {}
+            Ok((keys, expires, ttl_total)) => {
+                let avg_ttl = ttl_total.checked_div(expires).unwrap_or(0);
+                out += &format!("db0:keys={keys},expires={expires},avg_ttl={avg_ttl}\r\n")
+            }
             Err(e) => {
                 out += &format!(
                     "# keyspace unavailable: {}\r\n",
@@ -1525,6 +1555,18 @@ fn info(node: &Node, sections: &[String]) -> String {
         out += "\r\n";
     }
     out
+}
+
+/// Resident set size of this process in bytes, from `/proc/self/status` (0 where unreadable).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 fn command_info(sub: CommandSub) -> Frame {

@@ -700,6 +700,9 @@ mod tests {
             "# Clients",
             "# Persistence",
             "# Keyspace",
+            "# Memory",
+            "# Replication",
+            "role:master",
             "partition1:committed_decree=0",
         ] {
             assert!(info.contains(needle), "INFO lacks {needle}: {info}");

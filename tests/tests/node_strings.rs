@@ -1,6 +1,6 @@
 //! The string and key commands ordinary code uses beside GET and SET, with a real client, each
 //! answering as Redis does: SETEX, PSETEX, SETNX, GETSET, UNLINK, TOUCH, EXPIRETIME,
-//! PEXPIRETIME, KEYS, TIME and CLIENT ID.
+//! PEXPIRETIME, KEYS, TIME and CLIENT ID; and INFO's keyspace and memory fields.
 
 use anyhow::{ensure, Result};
 
@@ -106,5 +106,16 @@ fn the_common_string_and_key_commands_answer_as_redis_does() -> Result<()> {
     let mut other = redis::Client::open(node.redis_url())?.get_connection()?;
     let other_id: i64 = redis::cmd("CLIENT").arg("ID").query(&mut other)?;
     ensure!(id > 0 && other_id != id, "{id} {other_id}");
+
+    // INFO counts what is there: b (PSETEX) is the one key left with an expiry.
+    let info: String = redis::cmd("INFO").arg("keyspace").query(&mut con)?;
+    ensure!(info.contains("db0:keys=33,expires=1,avg_ttl="), "{info}");
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut con)?;
+    let used: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    ensure!(used > 1 << 20, "{info}");
     Ok(())
 }

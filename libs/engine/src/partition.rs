@@ -234,6 +234,16 @@ pub struct ScanPage {
     pub next_after: Option<Vec<u8>>,
 }
 
+/// What [`Partition::key_counts`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyCounts {
+    pub keys: u64,
+    /// Keys with an expiry.
+    pub expires: u64,
+    /// The sum of their remaining times to live.
+    pub ttl_ms_total: u64,
+}
+
 /// What `apply_duplicated` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -559,13 +569,24 @@ impl Partition {
 
     /// Number of live keys (a full scan).
     pub fn count_live(&self) -> Result<u64, StoreError> {
+        Ok(self.key_counts()?.keys)
+    }
+
+    /// The live keys, those with an expiry, and their mean time to live, in one scan.
+    pub fn key_counts(&self) -> Result<KeyCounts, StoreError> {
         let now = clock::wall_ms();
-        let mut n = 0;
+        let mut c = KeyCounts::default();
         for item in self.engine.scan_from(None) {
             let (_, raw) = item?;
-            n += u64::from(live_from(&raw, now).is_some());
+            if let Some(live) = live_from(&raw, now) {
+                c.keys += 1;
+                if live.expire_at_ms > 0 {
+                    c.expires += 1;
+                    c.ttl_ms_total += live.expire_at_ms.saturating_sub(now);
+                }
+            }
         }
-        Ok(n)
+        Ok(c)
     }
 
     /// Both digests of the partition's content in one scan (see [`Digests`]).
