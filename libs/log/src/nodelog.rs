@@ -73,8 +73,7 @@ pub struct NodeLogStats {
     pub entries_total: AtomicU64,
     pub bytes_total: AtomicU64,
     pub fsync_micros_total: AtomicU64,
-    /// Background passes that fdatasynced plogs, and the plog fsyncs they made.
-    pub plog_sync_passes_total: AtomicU64,
+    /// Plog fdatasyncs made by the background thread.
     pub plog_syncs_total: AtomicU64,
     /// Segments in use (the current one and those still needed for a restart).
     pub live_segments: AtomicU64,
@@ -568,9 +567,6 @@ impl Inner {
                 }
             }
             self.stats
-                .plog_sync_passes_total
-                .fetch_add(1, Ordering::Relaxed);
-            self.stats
                 .plog_syncs_total
                 .fetch_add(taken.len() as u64, Ordering::Relaxed);
             if let Some(e) = failed {
@@ -672,16 +668,11 @@ fn make_segment(dir: &Path, n: u64, bytes: u64) -> Result<Segment, LogError> {
     })
 }
 
-/// One partition's entries after its last close, in order.
-#[derive(Default)]
-struct Logged {
-    records: Vec<u8>,
-}
-
 /// Reads the live segments and writes back into each plog the records it lost.
 fn restore(root: &Path, live: &[Segment]) -> Result<NodeLogRecovery, LogError> {
     let mut report = NodeLogRecovery::default();
-    let mut by_key: HashMap<String, Logged> = HashMap::new();
+    // Per partition, the records of its entries after its last close, in order.
+    let mut by_key: HashMap<String, Vec<u8>> = HashMap::new();
     let mut order: Vec<String> = Vec::new();
     for pair in live.windows(2) {
         if pair[1].seq != pair[0].seq + 1 {
@@ -712,21 +703,17 @@ fn restore(root: &Path, live: &[Segment]) -> Result<NodeLogRecovery, LogError> {
                     if !by_key.contains_key(&key) {
                         order.push(key.clone());
                     }
-                    by_key
-                        .entry(key)
-                        .or_default()
-                        .records
-                        .extend_from_slice(data);
+                    by_key.entry(key).or_default().extend_from_slice(data);
                 }
             }
             pos += used;
         }
     }
     for key in order {
-        let Some(logged) = by_key.remove(&key) else {
+        let Some(records) = by_key.remove(&key) else {
             continue;
         };
-        let restored = restore_plog(root, &key, &logged.records)?;
+        let restored = restore_plog(root, &key, &records)?;
         if restored > 0 {
             report.records_restored += restored;
             report.partitions_restored.push(key);
